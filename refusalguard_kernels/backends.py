@@ -1,0 +1,92 @@
+"""The one dispatch point: which backend runs an op.
+
+* ``"torch"``  -- the PyTorch reference (any device, any float dtype).
+* ``"triton"`` -- fused Triton kernels on CUDA tensors (on CPU tensors only under
+  ``TRITON_INTERPRET=1``, which is how CI runs them).
+* ``"cuda"``   -- the CUDA C++ extension from ``csrc/`` (when it is built).
+* ``"auto"``   -- the best available for the tensor's device: on CPU the
+  reference; on CUDA the fused kernels (see ``_AUTO_ORDER``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+import torch
+
+__all__ = ["available_backends", "resolve_backend", "kernel_module", "BACKENDS"]
+
+BACKENDS = ("torch", "triton", "cuda")
+# On CUDA tensors "auto" takes the first kernel backend that is available.
+_AUTO_ORDER = ("triton", "cuda")
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a broken install that fails at import
+        return False
+    return True
+
+
+def _cuda_extension_error() -> str | None:
+    """None when the csrc extension is loadable, else why not."""
+    try:
+        mod = importlib.import_module("refusalguard_kernels.ops.cuda_penalty")
+    except ImportError as exc:  # the csrc backend is not part of this build yet
+        return f"the CUDA C++ backend is not part of this install ({exc})"
+    return mod.load_error()
+
+
+def available_backends() -> list[str]:
+    """Backends that can run here: "torch" always; "triton" with a GPU (or under
+    TRITON_INTERPRET=1); "cuda" when the csrc extension is built and a GPU is present."""
+    names = ["torch"]
+    if _triton_importable() and (torch.cuda.is_available() or _interpreting()):
+        names.append("triton")
+    if torch.cuda.is_available() and _cuda_extension_error() is None:
+        names.append("cuda")
+    return names
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """Map a user's choice to the backend that will run; a clear error when it cannot."""
+    if backend not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', 'torch', 'triton', 'cuda'")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        for name in _AUTO_ORDER:
+            if name in available_backends():
+                return name
+        return "torch"
+    if backend == "triton":
+        if not _triton_importable():
+            raise ValueError("backend='triton' needs the triton package: pip install 'triton>=3.6'")
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(
+                f"backend='triton' runs on CUDA tensors; these are on {device}. Move them to a GPU, use "
+                "backend='torch', or set TRITON_INTERPRET=1 before importing triton (slow; meant for tests)."
+            )
+    if backend == "cuda":
+        why = _cuda_extension_error()
+        if why is not None:
+            raise ValueError(f"backend='cuda' is not available: {why}")
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' runs on CUDA tensors; these are on {device}. Use backend='torch' on CPU.")
+    return backend
+
+
+def kernel_module(backend: str) -> ModuleType:
+    """The launcher module of a kernel backend (same functions in each)."""
+    if backend == "triton":
+        return importlib.import_module("refusalguard_kernels.ops.triton_penalty")
+    if backend == "cuda":
+        return importlib.import_module("refusalguard_kernels.ops.cuda_penalty")
+    raise ValueError(f"{backend!r} is not a kernel backend")

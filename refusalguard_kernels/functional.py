@@ -1,0 +1,130 @@
+"""Public functional API: project, geometry_loss, guard.
+
+Each call checks its inputs (shapes, dtypes and devices always; values unless
+``validate=False``), picks a backend through ``backends.resolve_backend`` and runs
+either the PyTorch reference or a kernel backend's torch.library ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .backends import resolve_backend
+from .validation import check_inputs, check_values
+
+__all__ = ["project", "geometry_loss", "guard"]
+
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _should_validate(validate: bool) -> bool:
+    # Value checks read back to the host; under torch.compile that would break the graph.
+    return validate and not torch.compiler.is_compiling()
+
+
+def _check_coef(name: str, value: float) -> float:
+    if isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a Python float; scale the returned loss to schedule it over training")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0; got {value}")
+    return value
+
+
+def _prepare(hidden, basis, anchors, weight, backend, validate):
+    """Checks, then the backend name and the converted small tensors a kernel backend takes."""
+    if not isinstance(hidden, Tensor):
+        raise TypeError(f"hidden must be a torch.Tensor; got {type(hidden).__name__}")
+    name = resolve_backend(backend, hidden.device)
+    check_inputs(hidden, basis, anchors, weight, allowed_hidden_dtypes=_KERNEL_DTYPES if name != "torch" else
+                 (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    if math.prod(hidden.shape[:-1]) == 0:
+        raise ValueError(f"hidden has no tokens (shape {tuple(hidden.shape)}); pass at least one row")
+    if _should_validate(validate):
+        check_values(basis, anchors, weight)
+    if name == "torch":
+        return name, basis, anchors, weight
+    k = basis.shape[1]
+    basis32 = basis.detach().to(torch.float32).contiguous()
+    anchors32 = None if anchors is None else anchors.detach().reshape(-1, k).to(torch.float32).contiguous()
+    weight32 = None if weight is None else weight.detach().reshape(-1).to(torch.float32).contiguous()
+    return name, basis32, anchors32, weight32
+
+
+def project(hidden: Tensor, basis: Tensor, *, backend: str = "auto", validate: bool = True) -> Tensor:
+    """Coordinates of ``hidden`` (..., d) in the orthonormal ``basis`` (d, k): a float32
+    tensor (..., k), differentiable in ``hidden``.
+
+    Its values are bitwise those the loss forward computes on the same backend, so
+    anchors made with ``project`` on the unchanged model give exactly zero loss.
+    """
+    name, basis_c, _, _ = _prepare(hidden, basis, None, None, backend, validate)
+    if name == "torch":
+        return reference.project(hidden, basis_c.detach()).to(
+            torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        )
+    from .ops.penalty import project_op
+
+    coords = project_op(hidden, basis_c, name)
+    return coords.view(*hidden.shape[:-1], basis.shape[1])
+
+
+def geometry_loss(
+    hidden: Tensor,
+    basis: Tensor,
+    anchors: Tensor,
+    weight: Tensor | None = None,
+    *,
+    drift_coef: float = 1.0,
+    gram_coef: float = 0.0,
+    backend: str = "auto",
+    validate: bool = True,
+) -> Tensor:
+    """drift_coef * L_drift + gram_coef * L_gram as a 0-dim float32 tensor,
+    differentiable in ``hidden`` (anchors, weight and basis get no gradient)."""
+    drift_coef, gram_coef = _check_coef("drift_coef", drift_coef), _check_coef("gram_coef", gram_coef)
+    name, basis_c, anchors_c, weight_c = _prepare(hidden, basis, anchors, weight, backend, validate)
+    if name == "torch":
+        return reference.geometry_loss(
+            hidden, basis_c.detach(), anchors_c.detach(), None if weight_c is None else weight_c.detach(),
+            drift_coef=drift_coef, gram_coef=gram_coef,
+        )
+    from .ops.penalty import loss_forward_op
+
+    _, loss, _ = loss_forward_op(hidden, basis_c, anchors_c, weight_c, drift_coef, gram_coef, name)
+    return loss
+
+
+def guard(
+    hidden: Tensor,
+    basis: Tensor,
+    anchors: Tensor,
+    weight: Tensor | None = None,
+    *,
+    drift_coef: float = 1.0,
+    gram_coef: float = 0.0,
+    backend: str = "auto",
+    validate: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """(hidden_out, loss): hidden_out equals hidden; the loss is ``geometry_loss``.
+
+    Meant for a forward hook: the next layer consumes ``hidden_out`` and the trainer
+    adds ``loss`` to its objective.  On the kernel backends the backward computes
+    grad_hidden = grad_hidden_out + grad_loss * dL/dH in one fused pass (grad_loss
+    carries loss scaling and accumulation factors, so it need not be 1).
+    """
+    drift_coef, gram_coef = _check_coef("drift_coef", drift_coef), _check_coef("gram_coef", gram_coef)
+    name, basis_c, anchors_c, weight_c = _prepare(hidden, basis, anchors, weight, backend, validate)
+    if name == "torch":
+        loss = reference.geometry_loss(
+            hidden, basis_c.detach(), anchors_c.detach(), None if weight_c is None else weight_c.detach(),
+            drift_coef=drift_coef, gram_coef=gram_coef,
+        )
+        return hidden, loss
+    from .ops.penalty import GuardFunction
+
+    return GuardFunction.apply(hidden, basis_c, anchors_c, weight_c, drift_coef, gram_coef, name)

@@ -1,0 +1,292 @@
+"""Triton kernels for the subspace-projection penalty, and their launchers.
+
+Three kernels, two passes over the N x d data:
+
+* ``_penalty_fwd_kernel``: one read of H.  Z = H B (fp32 accumulate), written as
+  N x k, and -- when a loss is wanted -- each program's partial sums of W, of
+  w_t ||Z_t - A_t||^2 and of w_t (Z_t Z_t^T - A_t A_t^T).
+* ``_penalty_finalize_kernel``: one program adds the partials in a fixed order
+  (deterministic, no atomics) and writes the loss plus the k x k "state" the
+  backward needs: [2 drift_coef / W, 4 gram_coef / W, (G - G_A)].
+* ``_penalty_bwd_kernel``: dL/dZ from the saved Z, A, w and state, in registers,
+  then one read of the incoming gradient and one write of
+  grad_in + grad_loss * dL/dZ B^T.
+
+Precision of the dots (tl.dot accumulates in fp32 in every case):
+* fp32 hidden: ``input_precision="ieee"`` -- true fp32 FMAs, no tf32 rounding.
+* fp16/bf16 hidden, forward: H is exact in its own dtype; the fp32 basis is split
+  into hi + lo parts in that dtype and both are multiplied (about 16 mantissa bits
+  of B, error ~1e-5 relative).
+* fp16/bf16 hidden, backward: dL/dZ and B are both split into bf16 hi + lo and
+  the three leading products are summed (bf16 keeps fp32's range, so tiny
+  1/W-scaled gradients do not underflow as they would in fp16).
+The k x k products (Gram partials, Z (G - G_A)) are always ieee fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .layout import interpreting, padded_k, persistent_programs, row_layout
+
+BLOCK_N = 64  # rows per tile
+BLOCK_D_HALF = 128  # columns per tile for 2-byte hidden (16 KB tiles)
+BLOCK_D_FP32 = 64  # columns per tile for fp32 hidden (16 KB tiles)
+NUM_WARPS = 4
+NUM_STAGES = 3
+FINALIZE_BLOCK_P = 16
+
+
+def _block_d(dtype: torch.dtype) -> int:
+    return BLOCK_D_FP32 if dtype == torch.float32 else BLOCK_D_HALF
+
+
+@triton.jit
+def _half_dot(a, b, acc, UPCAST: tl.constexpr):
+    """acc + a @ b for fp16/bf16 operands, fp32 accumulation.  UPCAST is set only under
+    TRITON_INTERPRET, whose bf16 dot is broken: fp32 holds the half values exactly, so
+    the product is the same one the tensor cores compute."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _penalty_fwd_kernel(
+    H, B, A, WT, Z, PART,
+    N, d, k, n1, s_h0, s_h1, s_hd,
+    num_row_blocks, part_width,
+    SPLIT_BASIS: tl.constexpr, COMPUTE_LOSS: tl.constexpr, HAS_WEIGHT: tl.constexpr, GRAM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """Z_t = sum_j H_tj B_j (fp32) and per-program partials
+    W_p = sum w_t,  drift_p = sum w_t ||Z_t - A_t||^2,  D_p = sum w_t (Z_t Z_t^T - A_t A_t^T)
+    over the row blocks this program visits (grid-stride)."""
+    pid = tl.program_id(0)
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < k
+    w_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    drift_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    gram_acc = tl.zeros([BLOCK_K, BLOCK_K], dtype=tl.float32)
+    for rb in range(pid, num_row_blocks, tl.num_programs(0)):
+        rows = (rb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets from here on
+        rmask = rows < N
+        row_off = (rows // n1) * s_h0 + (rows % n1) * s_h1
+        z = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            cmask = cols < d
+            h = tl.load(H + row_off[:, None] + cols[None, :] * s_hd, mask=rmask[:, None] & cmask[None, :], other=0.0)
+            b = tl.load(B + cols[:, None] * k + offs_k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
+            if SPLIT_BASIS:
+                b_hi = b.to(h.dtype)
+                b_lo = (b - b_hi.to(tl.float32)).to(h.dtype)
+                z = _half_dot(h, b_hi, z, UPCAST_DOT)
+                z = _half_dot(h, b_lo, z, UPCAST_DOT)
+            else:
+                z = tl.dot(h, b, z, input_precision="ieee")
+        zk_mask = rmask[:, None] & kmask[None, :]
+        tl.store(Z + rows[:, None] * k + offs_k[None, :], z, mask=zk_mask)
+        if COMPUTE_LOSS:
+            a = tl.load(A + rows[:, None] * k + offs_k[None, :], mask=zk_mask, other=0.0)
+            if HAS_WEIGHT:
+                w = tl.load(WT + rows, mask=rmask, other=0.0)
+            else:
+                w = tl.where(rmask, 1.0, 0.0)
+            diff = z - a
+            w_acc += w
+            drift_acc += w * tl.sum(diff * diff, axis=1)
+            if GRAM:
+                # Same op sequence for Z and A: Z == A bitwise gives D == 0 exactly.
+                gram_acc += tl.dot(tl.trans(z * w[:, None]), z, input_precision="ieee") - tl.dot(
+                    tl.trans(a * w[:, None]), a, input_precision="ieee"
+                )
+    if COMPUTE_LOSS:
+        part = PART + pid.to(tl.int64) * part_width
+        tl.store(part, tl.sum(w_acc, axis=0))
+        tl.store(part + 1, tl.sum(drift_acc, axis=0))
+        if GRAM:
+            gmask = kmask[:, None] & kmask[None, :]
+            tl.store(part + 2 + offs_k[:, None] * k + offs_k[None, :], gram_acc, mask=gmask)
+
+
+@triton.jit
+def _penalty_finalize_kernel(
+    PART, LOSS, STATE, P, part_width, drift_coef, gram_coef,
+    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    """Sum the P partial rows in a fixed order, then
+    loss = drift_coef * drift / W + gram_coef * ||D / W||_F^2  (0 when W == 0),
+    state = [2 drift_coef / W, 4 gram_coef / W, D / W]."""
+    e = tl.arange(0, BLOCK_E)
+    emask = e < part_width
+    acc = tl.zeros([BLOCK_E], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        tile = tl.load(PART + p[:, None] * part_width + e[None, :], mask=(p < P)[:, None] & emask[None, :], other=0.0)
+        acc += tl.sum(tile, axis=0)
+    total_w = tl.sum(tl.where(e == 0, acc, 0.0), axis=0)
+    drift_sum = tl.sum(tl.where(e == 1, acc, 0.0), axis=0)
+    positive = total_w > 0
+    inv_w = tl.where(positive, 1.0 / tl.where(positive, total_w, 1.0), 0.0)
+    gram_diff = tl.where((e >= 2) & emask, acc * inv_w, 0.0)
+    loss = drift_coef * (drift_sum * inv_w) + gram_coef * tl.sum(gram_diff * gram_diff, axis=0)
+    tl.store(LOSS, loss)
+    state = tl.where(e == 0, 2.0 * drift_coef * inv_w, tl.where(e == 1, 4.0 * gram_coef * inv_w, gram_diff))
+    tl.store(STATE + e, state, mask=emask)
+
+
+@triton.jit
+def _penalty_bwd_kernel(
+    GIN, GOUT, Z, A, WT, STATE, GLOSS, B,
+    N, d, k, n1, s_g0, s_g1, s_gd,
+    num_row_blocks,
+    DZ_GIVEN: tl.constexpr, HAS_GRAD_IN: tl.constexpr, HAS_WEIGHT: tl.constexpr, GRAM: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+):
+    """GOUT_t = GIN_t + s * dZ_t B^T, where (unless DZ_GIVEN, when Z holds dZ itself)
+    dZ_t = w_t (c1 (Z_t - A_t) + c2 (G - G_A) Z_t),  s = grad of the loss, and
+    c1, c2, G - G_A come from the finalize kernel's state."""
+    pid = tl.program_id(0)
+    offs_k = tl.arange(0, BLOCK_K)
+    kmask = offs_k < k
+    if not DZ_GIVEN:
+        c1 = tl.load(STATE)
+        c2 = tl.load(STATE + 1)
+        s = tl.load(GLOSS).to(tl.float32)
+        if GRAM:
+            m = tl.load(STATE + 2 + offs_k[:, None] * k + offs_k[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0)
+    for rb in range(pid, num_row_blocks, tl.num_programs(0)):
+        rows = (rb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets from here on
+        rmask = rows < N
+        zk_mask = rmask[:, None] & kmask[None, :]
+        z = tl.load(Z + rows[:, None] * k + offs_k[None, :], mask=zk_mask, other=0.0)
+        if DZ_GIVEN:
+            dz = z
+        else:
+            a = tl.load(A + rows[:, None] * k + offs_k[None, :], mask=zk_mask, other=0.0)
+            if HAS_WEIGHT:
+                w = tl.load(WT + rows, mask=rmask, other=0.0)
+            else:
+                w = tl.where(rmask, 1.0, 0.0)
+            dz = c1 * (z - a)
+            if GRAM:
+                dz += c2 * tl.dot(z, m, input_precision="ieee")  # G - G_A is symmetric
+            dz = dz * (w * s)[:, None]
+        if SPLIT:
+            dz_hi = dz.to(tl.bfloat16)
+            dz_lo = (dz - dz_hi.to(tl.float32)).to(tl.bfloat16)
+        gin_off = (rows // n1) * s_g0 + (rows % n1) * s_g1
+        for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            cmask = cols < d
+            tile_mask = rmask[:, None] & cmask[None, :]
+            bt = tl.load(B + offs_k[:, None] + cols[None, :] * k, mask=kmask[:, None] & cmask[None, :], other=0.0)
+            if SPLIT:
+                bt_hi = bt.to(tl.bfloat16)
+                bt_lo = (bt - bt_hi.to(tl.float32)).to(tl.bfloat16)
+                g = _half_dot(dz_hi, bt_hi, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), UPCAST_DOT)
+                g = _half_dot(dz_lo, bt_hi, g, UPCAST_DOT)
+                g = _half_dot(dz_hi, bt_lo, g, UPCAST_DOT)
+            else:
+                g = tl.dot(dz, bt, input_precision="ieee")
+            if HAS_GRAD_IN:
+                g += tl.load(GIN + gin_off[:, None] + cols[None, :] * s_gd, mask=tile_mask, other=0.0).to(tl.float32)
+            tl.store(GOUT + rows[:, None] * d + cols[None, :], g.to(GOUT.dtype.element_ty), mask=tile_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers. Inputs are already checked and converted by the functional layer:
+# basis fp32 contiguous (d, k); anchors fp32 contiguous (N, k); weight fp32 contiguous (N,) or None.
+
+
+def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, gram_coef: float, compute_loss: bool):
+    lay = row_layout(hidden)
+    N, d, k = lay.rows, hidden.shape[-1], basis.shape[1]
+    device = hidden.device
+    block_d = _block_d(hidden.dtype)
+    row_blocks = triton.cdiv(N, BLOCK_N)
+    programs = persistent_programs(row_blocks, device)
+    gram = compute_loss and gram_coef != 0.0
+    part_width = 2 + (k * k if gram else 0)
+    coords = torch.empty((N, k), dtype=torch.float32, device=device)
+    partials = torch.empty((programs, part_width), dtype=torch.float32, device=device) if compute_loss else coords
+    _penalty_fwd_kernel[(programs,)](
+        lay.tensor, basis, anchors if compute_loss else coords, weight if weight is not None else coords,
+        coords, partials,
+        N, d, k, lay.n1, lay.stride0, lay.stride1, lay.stride_col,
+        row_blocks, part_width,
+        SPLIT_BASIS=hidden.dtype != torch.float32, COMPUTE_LOSS=compute_loss,
+        HAS_WEIGHT=weight is not None, GRAM=gram,
+        BLOCK_N=BLOCK_N, BLOCK_D=block_d, BLOCK_K=padded_k(k), NUM_STAGES=NUM_STAGES,
+        UPCAST_DOT=interpreting(), num_warps=NUM_WARPS,
+    )
+    if not compute_loss:
+        return coords, None, None
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    state = torch.empty((part_width,), dtype=torch.float32, device=device)
+    _penalty_finalize_kernel[(1,)](
+        partials, loss, state, programs, part_width, float(drift_coef), float(gram_coef),
+        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_E=triton.next_power_of_2(part_width), num_warps=NUM_WARPS,
+    )
+    return coords, loss, state
+
+
+def project(hidden: Tensor, basis: Tensor) -> Tensor:
+    coords, _, _ = _forward(hidden, basis, None, None, 0.0, 0.0, compute_loss=False)
+    return coords
+
+
+def loss_forward(hidden: Tensor, basis: Tensor, anchors: Tensor, weight, drift_coef: float, gram_coef: float):
+    return _forward(hidden, basis, anchors, weight, drift_coef, gram_coef, compute_loss=True)
+
+
+def _backward(grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_shape, hidden_dtype, gram_coef, dz_given):
+    N, k = coords.shape
+    d = hidden_shape[-1]
+    device = coords.device
+    out = torch.empty(hidden_shape, dtype=hidden_dtype, device=device)
+    # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even:
+    # there, write fp32 and let torch round, so CI checks the GPU's arithmetic.
+    emulate_rounding = interpreting() and hidden_dtype == torch.bfloat16
+    kernel_out = torch.empty(hidden_shape, dtype=torch.float32, device=device) if emulate_rounding else out
+    if grad_in is not None:
+        lay = row_layout(grad_in)
+        gin, n1, s0, s1, sd = lay.tensor, lay.n1, lay.stride0, lay.stride1, lay.stride_col
+    else:
+        gin, n1, s0, s1, sd = kernel_out, 1, 0, 0, 0
+    row_blocks = triton.cdiv(N, BLOCK_N)
+    programs = persistent_programs(row_blocks, device)
+    dummy = coords
+    _penalty_bwd_kernel[(programs,)](
+        gin, kernel_out, coords, anchors if anchors is not None else dummy, weight if weight is not None else dummy,
+        state if state is not None else dummy, grad_loss if grad_loss is not None else dummy, basis,
+        N, d, k, n1, s0, s1, sd,
+        row_blocks,
+        DZ_GIVEN=dz_given, HAS_GRAD_IN=grad_in is not None, HAS_WEIGHT=weight is not None,
+        GRAM=(not dz_given) and gram_coef != 0.0, SPLIT=hidden_dtype != torch.float32,
+        BLOCK_N=BLOCK_N, BLOCK_D=_block_d(hidden_dtype), BLOCK_K=padded_k(k), NUM_STAGES=NUM_STAGES,
+        UPCAST_DOT=interpreting(), num_warps=NUM_WARPS,
+    )
+    if emulate_rounding:
+        out.copy_(kernel_out)
+    return out
+
+
+def loss_backward(grad_in, grad_loss, coords, anchors, weight, state, basis, hidden_shape, hidden_dtype, gram_coef):
+    return _backward(grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_shape, hidden_dtype, gram_coef, False)
+
+
+def project_backward(grad_coords: Tensor, basis: Tensor, hidden_shape, hidden_dtype) -> Tensor:
+    return _backward(None, grad_coords, None, None, None, None, basis, hidden_shape, hidden_dtype, 0.0, True)
+
+
+def is_usable(device: torch.device) -> bool:
+    return device.type == "cuda" or interpreting()
