@@ -44,6 +44,14 @@ def row_layout(t: Tensor) -> RowLayout:
     return RowLayout(v, rows, 1, v.stride(0), 0, v.stride(1))
 
 
+def new_output(shape, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """An uninitialised output buffer; NaN-filled when REFUSALGUARD_POISON=1 (tests),
+    so an element a kernel forgets to write cannot pass as a plausible value."""
+    if os.environ.get("REFUSALGUARD_POISON", "0") not in ("", "0"):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def padded_k(k: int) -> int:
     """Tensor-core dots need every dim >= 16 and a power of two."""
     return max(16, 1 << (k - 1).bit_length())

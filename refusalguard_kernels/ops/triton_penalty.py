@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .layout import interpreting, padded_k, persistent_programs, row_layout
+from .layout import interpreting, new_output, padded_k, persistent_programs, row_layout
 
 BLOCK_N = 64  # rows per tile
 BLOCK_D_HALF = 128  # columns per tile for 2-byte hidden (16 KB tiles)
@@ -216,8 +216,8 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
     programs = persistent_programs(row_blocks, device)
     gram = compute_loss and gram_coef != 0.0
     part_width = 2 + (k * k if gram else 0)
-    coords = torch.empty((N, k), dtype=torch.float32, device=device)
-    partials = torch.empty((programs, part_width), dtype=torch.float32, device=device) if compute_loss else coords
+    coords = new_output((N, k), torch.float32, device)
+    partials = new_output((programs, part_width), torch.float32, device) if compute_loss else coords
     _penalty_fwd_kernel[(programs,)](
         lay.tensor, basis, anchors if compute_loss else coords, weight if weight is not None else coords,
         coords, partials,
@@ -230,8 +230,8 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
     )
     if not compute_loss:
         return coords, None, None
-    loss = torch.empty((), dtype=torch.float32, device=device)
-    state = torch.empty((part_width,), dtype=torch.float32, device=device)
+    loss = new_output((), torch.float32, device)
+    state = new_output((part_width,), torch.float32, device)
     _penalty_finalize_kernel[(1,)](
         partials, loss, state, programs, part_width, float(drift_coef), float(gram_coef),
         BLOCK_P=FINALIZE_BLOCK_P, BLOCK_E=triton.next_power_of_2(part_width), num_warps=NUM_WARPS,
@@ -252,11 +252,11 @@ def _backward(grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_
     N, k = coords.shape
     d = hidden_shape[-1]
     device = coords.device
-    out = torch.empty(hidden_shape, dtype=hidden_dtype, device=device)
+    out = new_output(hidden_shape, hidden_dtype, device)
     # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even:
     # there, write fp32 and let torch round, so CI checks the GPU's arithmetic.
     emulate_rounding = interpreting() and hidden_dtype == torch.bfloat16
-    kernel_out = torch.empty(hidden_shape, dtype=torch.float32, device=device) if emulate_rounding else out
+    kernel_out = new_output(hidden_shape, torch.float32, device) if emulate_rounding else out
     if grad_in is not None:
         lay = row_layout(grad_in)
         gin, n1, s0, s1, sd = lay.tensor, lay.n1, lay.stride0, lay.stride1, lay.stride_col

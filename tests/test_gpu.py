@@ -1,0 +1,93 @@
+"""GPU-only checks: 64-bit offsets on a real > 2^31-element tensor, CUDA-graph capture
+(which fails on any host synchronisation), and the kernel backends against each other.
+The shape/dtype grid itself runs compiled on the GPU through test_triton_penalty.py."""
+
+import pytest
+import torch
+
+import refusalguard_kernels as rg
+from refusalguard_kernels import reference
+from penalty_cases import GRAD_TOL, LOSS_TOL, make_inputs, reference_loss_and_grad, rel_err
+
+pytestmark = pytest.mark.gpu
+
+KERNEL_BACKENDS = [b for b in ("triton", "cuda") if b in rg.available_backends()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_more_than_2_pow_31_elements(backend):
+    N, d, k = 2**20 + 3, 2112, 8  # N * d = 2.2e9 > 2^31
+    gen = torch.Generator(device="cuda").manual_seed(1234)
+    hidden = torch.randn(N, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+    basis = rg.orthonormalize_basis(torch.randn(d, k, dtype=torch.float64, device="cuda", generator=gen))
+    coords64 = torch.cat([hidden[i : i + 65536].double() @ basis.double() for i in range(0, N, 65536)])
+    anchors = (coords64 + 0.3 * torch.randn(N, k, device="cuda", dtype=torch.float64, generator=gen)).float()
+    weight = torch.rand(N, device="cuda", generator=gen)
+
+    # float64 loss and dL/dZ from the float64 coordinates (closed form, O(N k) memory).
+    z, a, w = coords64, anchors.double(), weight.double()
+    W = w.sum()
+    gram_diff = ((z * w[:, None]).T @ z - (a * w[:, None]).T @ a) / W
+    ref_loss = (w * ((z - a) ** 2).sum(1)).sum() / W + 0.5 * (gram_diff**2).sum()
+    dz = reference.loss_grad_coords(z, a, w, drift_coef=1.0, gram_coef=0.5)
+
+    h = hidden.requires_grad_(True)
+    loss = rg.geometry_loss(h, basis, anchors, weight, drift_coef=1.0, gram_coef=0.5, backend=backend, validate=False)
+    loss.backward()
+    assert rel_err(loss, ref_loss) <= LOSS_TOL[torch.bfloat16]
+    err2 = ref2 = 0.0
+    for i in range(0, N, 65536):
+        ref_chunk = dz[i : i + 65536] @ basis.double().T
+        err2 += (h.grad[i : i + 65536].double() - ref_chunk).pow(2).sum().item()
+        ref2 += ref_chunk.pow(2).sum().item()
+    assert (err2 / ref2) ** 0.5 <= GRAD_TOL[torch.bfloat16]
+    # the last rows (beyond 2^31 elements) were written and are right
+    tail_ref = dz[-3:] @ basis.double().T
+    assert rel_err(h.grad[-3:], tail_ref) <= GRAD_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cuda_graph_capture_forward_and_backward(backend):
+    """Capture fails on any host sync (.item(), tensor-valued Python branches)."""
+    hidden, basis, anchors, weight = make_inputs((4, 512), 1024, 8, torch.bfloat16, weights="zeros_some", device="cuda")
+    h = hidden.clone().requires_grad_(True)
+    grad_out = torch.randn_like(hidden)
+
+    def step():
+        h.grad = None
+        out, loss = rg.guard(h, basis, anchors, weight, drift_coef=1.0, gram_coef=0.5, backend=backend, validate=False)
+        torch.autograd.backward([out, loss], [grad_out, torch.full((), 2.0, device="cuda")])
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    eager_loss = step().detach().clone()
+    eager_grad = h.grad.clone()
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        h.grad = None
+        out, loss = rg.guard(h, basis, anchors, weight, drift_coef=1.0, gram_coef=0.5, backend=backend, validate=False)
+        torch.autograd.backward([out, loss], [grad_out, torch.full((), 2.0, device="cuda")])
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(loss, eager_loss)
+    assert torch.equal(h.grad, eager_grad)
+
+
+@pytest.mark.skipif(len(KERNEL_BACKENDS) < 2, reason="needs both triton and cuda backends")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_and_triton_agree(dtype):
+    hidden, basis, anchors, weight = make_inputs((3, 700), 2050, 12, dtype, weights="zeros_some", device="cuda")
+    ref_loss, ref_grad = reference_loss_and_grad(hidden, basis, anchors, weight, 1.0, 0.3)
+    for backend in KERNEL_BACKENDS:
+        h = hidden.clone().requires_grad_(True)
+        loss = rg.geometry_loss(h, basis, anchors, weight, drift_coef=1.0, gram_coef=0.3, backend=backend)
+        loss.backward()
+        assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype], backend
+        assert rel_err(h.grad, ref_grad) <= GRAD_TOL[dtype], backend
