@@ -147,18 +147,19 @@ def sets_needed(case: Case) -> int:
 
 
 def _graph_time(body, calls: int, replays: int = 10) -> float:
-    """Median ms per call of ``body`` (which performs ``calls`` calls) replayed from a CUDA graph."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            body()
-    torch.cuda.current_stream().wait_stream(stream)
+    """Median ms per call of ``body`` (which performs ``calls`` calls) replayed from a CUDA graph.
+
+    Runs on the current stream, which must be a side stream: the autograd graphs that
+    backward replays were built there, and capture cannot use the legacy default stream."""
+    stream = torch.cuda.current_stream()
+    for _ in range(2):
+        body()
+    stream.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph, stream=stream):
         body()
     graph.replay()
-    torch.cuda.synchronize()
+    stream.synchronize()
     times = []
     for _ in range(replays):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -173,6 +174,16 @@ def _graph_time(body, calls: int, replays: int = 10) -> float:
 
 def measure(case: Case, variant: str, copy_gbps: float, modes=("fwd", "bwd", "fwdbwd"), call_overhead=True):
     """Time one variant on one case in every mode; returns a list of Result."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        results = _measure(case, variant, copy_gbps, modes, call_overhead)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    return results
+
+
+def _measure(case, variant, copy_gbps, modes, call_overhead):
     import triton.testing
 
     fn = variant_fn(variant)

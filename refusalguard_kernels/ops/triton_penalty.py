@@ -37,6 +37,7 @@ BLOCK_D_HALF = 128  # columns per tile for 2-byte hidden (16 KB tiles)
 BLOCK_D_FP32 = 64  # columns per tile for fp32 hidden (16 KB tiles)
 NUM_WARPS = 4
 NUM_STAGES = 3
+PROGRAMS_PER_SM = 2  # grid-stride programs per SM (persistent grid)
 FINALIZE_BLOCK_P = 16
 
 
@@ -213,7 +214,7 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
     device = hidden.device
     block_d = _block_d(hidden.dtype)
     row_blocks = triton.cdiv(N, BLOCK_N)
-    programs = persistent_programs(row_blocks, device)
+    programs = persistent_programs(row_blocks, device, PROGRAMS_PER_SM)
     gram = compute_loss and gram_coef != 0.0
     part_width = 2 + (k * k if gram else 0)
     coords = new_output((N, k), torch.float32, device)
@@ -263,7 +264,7 @@ def _backward(grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_
     else:
         gin, n1, s0, s1, sd = kernel_out, 1, 0, 0, 0
     row_blocks = triton.cdiv(N, BLOCK_N)
-    programs = persistent_programs(row_blocks, device)
+    programs = persistent_programs(row_blocks, device, PROGRAMS_PER_SM)
     dummy = coords
     _penalty_bwd_kernel[(programs,)](
         gin, kernel_out, coords, anchors if anchors is not None else dummy, weight if weight is not None else dummy,
