@@ -32,9 +32,14 @@ def main() -> int:
     case = pb.Case(args.N, args.d, args.k, args.dtype)
     copy = pb.copy_bandwidth_gbps()
     configs = []
-    for bn, bd, warps, stages, per_sm in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3,), (1, 2, 4)):
-        if bn * bd > 128 * 128 or (bn * bd <= 32 * 64):
+    for bn, bd, warps, stages, per_sm in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4), (1, 2, 4)):
+        row_blocks = -(-case.N // bn)
+        if bn == 32 and (warps != 4 or bd == 64):
             continue
+        if bn >= 64 and per_sm == 4:
+            continue
+        if row_blocks <= torch.cuda.get_device_properties(0).multi_processor_count and per_sm > 1:
+            continue  # one program per row block already: per_sm changes nothing
         configs.append((bn, bd, warps, stages, per_sm))
     rows = []
     for bn, bd, warps, stages, per_sm in configs:

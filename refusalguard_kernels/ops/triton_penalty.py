@@ -1,6 +1,11 @@
 """Triton kernels for the subspace-projection penalty, and their launchers.
 
-Three kernels, two passes over the N x d data:
+Four kernels, two passes over the N x d data:
+
+* ``_split_basis_kernel`` (half hidden only): the fp32 basis, d x k, split once per
+  call into hi + lo parts laid out for the MMAs (zero-padded to K = 16..64 columns),
+  so the hot loops load tensor-core operands straight from memory (pipelined) and
+  do no conversion work per tile.
 
 * ``_penalty_fwd_kernel``: one read of H.  Z = H B (fp32 accumulate), written as
   N x k, and -- when a loss is wanted -- each program's partial sums of W, of
@@ -15,8 +20,8 @@ Three kernels, two passes over the N x d data:
 Precision of the dots (tl.dot accumulates in fp32 in every case):
 * fp32 hidden: ``input_precision="ieee"`` -- true fp32 FMAs, no tf32 rounding.
 * fp16/bf16 hidden, forward: H is exact in its own dtype; the fp32 basis is split
-  into hi + lo parts in that dtype and both are multiplied (about 16 mantissa bits
-  of B, error ~1e-5 relative).
+  into hi + lo parts in that dtype and both are multiplied, into two independent
+  accumulators added at the end (about 16 mantissa bits of B, error ~1e-5 relative).
 * fp16/bf16 hidden, backward: dL/dZ and B are both split into bf16 hi + lo and
   the three leading products are summed (bf16 keeps fp32's range, so tiny
   1/W-scaled gradients do not underflow as they would in fp16).
@@ -57,8 +62,26 @@ def _half_dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _split_basis_kernel(
+    B, HI, LO, d, k, s_row, s_col,
+    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """HI = round(B), LO = round(B - HI) in HI's dtype; element (j, c) of the (d, k)
+    fp32 basis goes to HI + j * s_row + c * s_col (columns c >= k are written as 0)."""
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_k = tl.arange(0, BLOCK_K)
+    cmask = cols < d
+    b = tl.load(B + cols[:, None] * k + offs_k[None, :], mask=cmask[:, None] & (offs_k < k)[None, :], other=0.0)
+    hi = b.to(HI.dtype.element_ty)
+    lo = (b - hi.to(tl.float32)).to(LO.dtype.element_ty)
+    dst = cols[:, None] * s_row + offs_k[None, :] * s_col
+    tl.store(HI + dst, hi, mask=cmask[:, None])
+    tl.store(LO + dst, lo, mask=cmask[:, None])
+
+
+@triton.jit
 def _penalty_fwd_kernel(
-    H, B, A, WT, Z, PART,
+    H, B, B_HI, B_LO, A, WT, Z, PART,
     N, d, k, n1, s_h0, s_h1, s_hd,
     num_row_blocks, part_width,
     SPLIT_BASIS: tl.constexpr, COMPUTE_LOSS: tl.constexpr, HAS_WEIGHT: tl.constexpr, GRAM: tl.constexpr,
@@ -79,18 +102,23 @@ def _penalty_fwd_kernel(
         rmask = rows < N
         row_off = (rows // n1) * s_h0 + (rows % n1) * s_h1
         z = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        z_lo = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
             cols = d0 + tl.arange(0, BLOCK_D)
             cmask = cols < d
             h = tl.load(H + row_off[:, None] + cols[None, :] * s_hd, mask=rmask[:, None] & cmask[None, :], other=0.0)
-            b = tl.load(B + cols[:, None] * k + offs_k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
             if SPLIT_BASIS:
-                b_hi = b.to(h.dtype)
-                b_lo = (b - b_hi.to(tl.float32)).to(h.dtype)
+                # (d, BLOCK_K) hi/lo, zero-padded: no column mask needed.
+                b_off = cols[:, None] * BLOCK_K + offs_k[None, :]
+                b_hi = tl.load(B_HI + b_off, mask=cmask[:, None], other=0.0)
+                b_lo = tl.load(B_LO + b_off, mask=cmask[:, None], other=0.0)
                 z = _half_dot(h, b_hi, z, UPCAST_DOT)
-                z = _half_dot(h, b_lo, z, UPCAST_DOT)
+                z_lo = _half_dot(h, b_lo, z_lo, UPCAST_DOT)
             else:
+                b = tl.load(B + cols[:, None] * k + offs_k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
                 z = tl.dot(h, b, z, input_precision="ieee")
+        if SPLIT_BASIS:
+            z = z + z_lo
         zk_mask = rmask[:, None] & kmask[None, :]
         tl.store(Z + rows[:, None] * k + offs_k[None, :], z, mask=zk_mask)
         if COMPUTE_LOSS:
@@ -144,7 +172,7 @@ def _penalty_finalize_kernel(
 
 @triton.jit
 def _penalty_bwd_kernel(
-    GIN, GOUT, Z, A, WT, STATE, GLOSS, B,
+    GIN, GOUT, Z, A, WT, STATE, GLOSS, B, BT_HI, BT_LO,
     N, d, k, n1, s_g0, s_g1, s_gd,
     num_row_blocks,
     DZ_GIVEN: tl.constexpr, HAS_GRAD_IN: tl.constexpr, HAS_WEIGHT: tl.constexpr, GRAM: tl.constexpr,
@@ -189,14 +217,16 @@ def _penalty_bwd_kernel(
             cols = d0 + tl.arange(0, BLOCK_D)
             cmask = cols < d
             tile_mask = rmask[:, None] & cmask[None, :]
-            bt = tl.load(B + offs_k[:, None] + cols[None, :] * k, mask=kmask[:, None] & cmask[None, :], other=0.0)
             if SPLIT:
-                bt_hi = bt.to(tl.bfloat16)
-                bt_lo = (bt - bt_hi.to(tl.float32)).to(tl.bfloat16)
+                # (BLOCK_K, d) bf16 hi/lo, zero-padded rows: no row mask needed.
+                bt_off = offs_k[:, None] * d + cols[None, :]
+                bt_hi = tl.load(BT_HI + bt_off, mask=cmask[None, :], other=0.0)
+                bt_lo = tl.load(BT_LO + bt_off, mask=cmask[None, :], other=0.0)
                 g = _half_dot(dz_hi, bt_hi, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), UPCAST_DOT)
                 g = _half_dot(dz_lo, bt_hi, g, UPCAST_DOT)
                 g = _half_dot(dz_hi, bt_lo, g, UPCAST_DOT)
             else:
+                bt = tl.load(B + offs_k[:, None] + cols[None, :] * k, mask=kmask[:, None] & cmask[None, :], other=0.0)
                 g = tl.dot(dz, bt, input_precision="ieee")
             if HAS_GRAD_IN:
                 g += tl.load(GIN + gin_off[:, None] + cols[None, :] * s_gd, mask=tile_mask, other=0.0).to(tl.float32)
@@ -206,6 +236,24 @@ def _penalty_bwd_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers. Inputs are already checked and converted by the functional layer:
 # basis fp32 contiguous (d, k); anchors fp32 contiguous (N, k); weight fp32 contiguous (N,) or None.
+
+
+SPLIT_BLOCK_D = 256
+
+
+def _split_basis(basis: Tensor, dtype: torch.dtype, transposed: bool) -> tuple[Tensor, Tensor]:
+    """hi/lo parts of the fp32 basis in ``dtype``, (d, K) or, transposed, (K, d); K = padded k."""
+    d, k = basis.shape
+    K = padded_k(k)
+    shape = (K, d) if transposed else (d, K)
+    hi = new_output(shape, dtype, basis.device)  # every element written, padding as 0
+    lo = new_output(shape, dtype, basis.device)
+    s_row, s_col = (1, d) if transposed else (K, 1)
+    _split_basis_kernel[(triton.cdiv(d, SPLIT_BLOCK_D),)](
+        basis, hi, lo, d, k, s_row, s_col, BLOCK_D=SPLIT_BLOCK_D, BLOCK_K=K,
+        num_warps=4,
+    )
+    return hi, lo
 
 
 def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, gram_coef: float, compute_loss: bool):
@@ -219,12 +267,14 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
     part_width = 2 + (k * k if gram else 0)
     coords = new_output((N, k), torch.float32, device)
     partials = new_output((programs, part_width), torch.float32, device) if compute_loss else coords
+    split = hidden.dtype != torch.float32
+    b_hi, b_lo = _split_basis(basis, hidden.dtype, transposed=False) if split else (basis, basis)
     _penalty_fwd_kernel[(programs,)](
-        lay.tensor, basis, anchors if compute_loss else coords, weight if weight is not None else coords,
+        lay.tensor, basis, b_hi, b_lo, anchors if compute_loss else coords, weight if weight is not None else coords,
         coords, partials,
         N, d, k, lay.n1, lay.stride0, lay.stride1, lay.stride_col,
         row_blocks, part_width,
-        SPLIT_BASIS=hidden.dtype != torch.float32, COMPUTE_LOSS=compute_loss,
+        SPLIT_BASIS=split, COMPUTE_LOSS=compute_loss,
         HAS_WEIGHT=weight is not None, GRAM=gram,
         BLOCK_N=BLOCK_N, BLOCK_D=block_d, BLOCK_K=padded_k(k), NUM_STAGES=NUM_STAGES,
         UPCAST_DOT=interpreting(), num_warps=NUM_WARPS,
@@ -266,13 +316,15 @@ def _backward(grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_
     row_blocks = triton.cdiv(N, BLOCK_N)
     programs = persistent_programs(row_blocks, device, PROGRAMS_PER_SM)
     dummy = coords
+    split = hidden_dtype != torch.float32
+    bt_hi, bt_lo = _split_basis(basis, torch.bfloat16, transposed=True) if split else (basis, basis)
     _penalty_bwd_kernel[(programs,)](
         gin, kernel_out, coords, anchors if anchors is not None else dummy, weight if weight is not None else dummy,
-        state if state is not None else dummy, grad_loss if grad_loss is not None else dummy, basis,
+        state if state is not None else dummy, grad_loss if grad_loss is not None else dummy, basis, bt_hi, bt_lo,
         N, d, k, n1, s0, s1, sd,
         row_blocks,
         DZ_GIVEN=dz_given, HAS_GRAD_IN=grad_in is not None, HAS_WEIGHT=weight is not None,
-        GRAM=(not dz_given) and gram_coef != 0.0, SPLIT=hidden_dtype != torch.float32,
+        GRAM=(not dz_given) and gram_coef != 0.0, SPLIT=split,
         BLOCK_N=BLOCK_N, BLOCK_D=_block_d(hidden_dtype), BLOCK_K=padded_k(k), NUM_STAGES=NUM_STAGES,
         UPCAST_DOT=interpreting(), num_warps=NUM_WARPS,
     )
