@@ -15,11 +15,30 @@ import os
 import sys
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import penalty_bench as pb  # noqa: E402
 
 from refusalguard_kernels.ops import triton_penalty as tp  # noqa: E402
+
+
+def breakdown(case: pb.Case) -> None:
+    """Device time of the small launches around the main kernels (graph replay, median)."""
+    basis, sets = pb.make_sets(case, 1)
+    basis = basis.float().contiguous()
+    P = 132
+    part = torch.randn(P, 2 + case.k * case.k, device="cuda")
+    loss = torch.empty((), device="cuda")
+    state = torch.empty(2 + case.k * case.k, device="cuda")
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        split = pb._graph_time(lambda: [tp._split_basis(basis, case.torch_dtype, False) for _ in range(20)], 20)
+        fin = pb._graph_time(lambda: [tp._penalty_finalize_kernel[(1,)](
+            part, loss, state, P, part.shape[1], 1.0, 0.1, BLOCK_P=tp.FINALIZE_BLOCK_P,
+            BLOCK_E=triton.next_power_of_2(part.shape[1]), num_warps=tp.FINALIZE_WARPS) for _ in range(20)], 20)
+    torch.cuda.synchronize()
+    print(f"breakdown: split_basis {split * 1e3:.1f} us, finalize (P={P}) {fin * 1e3:.1f} us per launch", flush=True)
 
 
 def main() -> int:
@@ -31,36 +50,40 @@ def main() -> int:
     args = ap.parse_args()
     case = pb.Case(args.N, args.d, args.k, args.dtype)
     copy = pb.copy_bandwidth_gbps()
-    configs = []
+    breakdown(case)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    grid = []
     for bn, bd, warps, stages, per_sm in itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (3, 4), (1, 2, 4)):
-        row_blocks = -(-case.N // bn)
-        if bn == 32 and (warps != 4 or bd == 64):
+        if bn * bd > 128 * 256 or (bn == 128 and warps == 4 and bd == 256):
             continue
-        if bn >= 64 and per_sm == 4:
-            continue
-        if row_blocks <= torch.cuda.get_device_properties(0).multi_processor_count and per_sm > 1:
+        if -(-case.N // bn) <= sms and per_sm > 1:
             continue  # one program per row block already: per_sm changes nothing
-        configs.append((bn, bd, warps, stages, per_sm))
-    rows = []
-    for bn, bd, warps, stages, per_sm in configs:
-        tp.BLOCK_N, tp.BLOCK_D_HALF, tp.BLOCK_D_FP32 = bn, bd, bd
-        tp.NUM_WARPS, tp.NUM_STAGES, tp.PROGRAMS_PER_SM = warps, stages, per_sm
-        try:
-            res = pb.measure(case, "triton", copy, modes=("fwd", "bwd"), call_overhead=False)
-        except Exception as exc:  # a config that does not compile (shared memory, registers)
-            print(f"BN={bn} BD={bd} w={warps} s={stages} per_sm={per_sm}: failed: {type(exc).__name__}: {str(exc)[:120]}")
-            continue
-        fwd, bwd = res[0], res[1]
-        rows.append((fwd.pct_copy_bw, bwd.pct_copy_bw, bn, bd, warps, stages, per_sm, fwd.gpu_ms, bwd.gpu_ms))
-        print(f"BN={bn:<4} BD={bd:<4} w={warps} s={stages} per_sm={per_sm}: fwd {fwd.gpu_ms*1e3:7.1f} us "
-              f"{fwd.pct_copy_bw:5.1f}%  bwd {bwd.gpu_ms*1e3:7.1f} us {bwd.pct_copy_bw:5.1f}%", flush=True)
-    print(f"\ntune summary ({torch.cuda.get_device_name(0)}, copy {copy:.0f} GB/s, N={case.N} d={case.d} k={case.k} {case.dtype})")
-    print("best fwd:")
-    for r in sorted(rows, key=lambda r: -r[0])[:5]:
-        print(f"  {r[0]:5.1f}%  BN={r[2]} BD={r[3]} w={r[4]} s={r[5]} per_sm={r[6]}  ({r[7]*1e3:.1f} us)")
-    print("best bwd:")
-    for r in sorted(rows, key=lambda r: -r[1])[:5]:
-        print(f"  {r[1]:5.1f}%  BN={r[2]} BD={r[3]} w={r[4]} s={r[5]} per_sm={r[6]}  ({r[8]*1e3:.1f} us)")
+        grid.append(tp.TileConfig(bn, bd, bd, warps, stages, per_sm))
+    fwd_grid = [c for c in grid if c.block_n >= 64 and c.programs_per_sm <= 2]
+    bwd_grid = [c for c in grid if c.block_n <= 64 and c.num_stages == 3]
+    best = {}
+    for mode, configs in (("fwd", fwd_grid), ("bwd", bwd_grid)):
+        rows = []
+        for cfg in configs:
+            if mode == "fwd":
+                tp.FWD_CONFIG = cfg
+            else:
+                tp.BWD_CONFIG = cfg
+            try:
+                (res,) = pb.measure(case, "triton", copy, modes=(mode,), call_overhead=False)
+            except Exception as exc:  # a config that does not compile (shared memory, registers)
+                print(f"{mode} {cfg}: failed: {type(exc).__name__}: {str(exc)[:100]}", flush=True)
+                continue
+            rows.append((res.pct_copy_bw, res.gpu_ms, cfg))
+            print(f"{mode} {cfg}: {res.gpu_ms * 1e3:7.1f} us {res.pct_copy_bw:5.1f}%", flush=True)
+        rows.sort(key=lambda r: -r[0])
+        best[mode] = rows[:5]
+    print(f"\ntune summary ({torch.cuda.get_device_name(0)}, copy {copy:.0f} GB/s, "
+          f"N={case.N} d={case.d} k={case.k} {case.dtype})")
+    for mode, rows in best.items():
+        print(f"best {mode}:")
+        for pct, ms, cfg in rows:
+            print(f"  {pct:5.1f}%  {ms * 1e3:6.1f} us  {cfg}")
     return 0
 
 

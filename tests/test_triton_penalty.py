@@ -41,6 +41,10 @@ GRID = [
     ((130,), 300, 33, torch.bfloat16, "zeros_some"),
     ((200,), 129, 64, torch.float16, "random"),
     ((5, 40), 64, 1, torch.float16, None),
+    # Row and column counts that divide the tiles exactly (the unmasked EVEN_N / EVEN_D paths).
+    ((256,), 512, 8, torch.bfloat16, "zeros_some"),
+    ((2, 128), 256, 16, torch.float32, "random"),
+    ((64,), 256, 3, torch.float16, None),
 ]
 
 

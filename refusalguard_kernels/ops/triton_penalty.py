@@ -30,6 +30,8 @@ The k x k products (Gram partials, Z (G - G_A)) are always ieee fp32.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -37,17 +39,25 @@ from torch import Tensor
 
 from .layout import interpreting, new_output, padded_k, persistent_programs, row_layout
 
-BLOCK_N = 64  # rows per tile
-BLOCK_D_HALF = 128  # columns per tile for 2-byte hidden (16 KB tiles)
-BLOCK_D_FP32 = 64  # columns per tile for fp32 hidden (16 KB tiles)
-NUM_WARPS = 4
-NUM_STAGES = 3
-PROGRAMS_PER_SM = 2  # grid-stride programs per SM (persistent grid)
+class TileConfig(NamedTuple):
+    block_n: int  # rows per tile
+    block_d_half: int  # columns per tile for 2-byte hidden
+    block_d_fp32: int  # columns per tile for fp32 hidden
+    num_warps: int
+    num_stages: int  # software-pipelining depth of the loop over d
+    programs_per_sm: int  # persistent grid: programs per SM
+
+    def block_d(self, dtype: torch.dtype) -> int:
+        return self.block_d_fp32 if dtype == torch.float32 else self.block_d_half
+
+
+# Chosen by benchmarks/tune_triton.py on an H100 (bf16, N=16384, d=4096, k=8); see benchmarks/NOTES.md.
+# project() and the loss forward share FWD_CONFIG, which is what makes their Z bitwise equal.
+FWD_CONFIG = TileConfig(block_n=128, block_d_half=128, block_d_fp32=64, num_warps=4, num_stages=4, programs_per_sm=1)
+BWD_CONFIG = TileConfig(block_n=32, block_d_half=256, block_d_fp32=128, num_warps=4, num_stages=3, programs_per_sm=4)
 FINALIZE_BLOCK_P = 16
-
-
-def _block_d(dtype: torch.dtype) -> int:
-    return BLOCK_D_FP32 if dtype == torch.float32 else BLOCK_D_HALF
+FINALIZE_WARPS = 4
+SPLIT_BLOCK_D = 256
 
 
 @triton.jit
@@ -86,7 +96,7 @@ def _penalty_fwd_kernel(
     num_row_blocks, part_width,
     SPLIT_BASIS: tl.constexpr, COMPUTE_LOSS: tl.constexpr, HAS_WEIGHT: tl.constexpr, GRAM: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """Z_t = sum_j H_tj B_j (fp32) and per-program partials
     W_p = sum w_t,  drift_p = sum w_t ||Z_t - A_t||^2,  D_p = sum w_t (Z_t Z_t^T - A_t A_t^T)
@@ -103,20 +113,42 @@ def _penalty_fwd_kernel(
         row_off = (rows // n1) * s_h0 + (rows % n1) * s_h1
         z = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         z_lo = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        cols = tl.arange(0, BLOCK_D)
+        # Pointers advance by one tile a step: no per-element 64-bit index math in the loop.
+        h_ptrs = H + row_off[:, None] + cols[None, :] * s_hd
+        if SPLIT_BASIS:  # (d, BLOCK_K) hi/lo, zero-padded: no k mask
+            bh_ptrs = B_HI + cols[:, None] * BLOCK_K + offs_k[None, :]
+            bl_ptrs = B_LO + cols[:, None] * BLOCK_K + offs_k[None, :]
+        else:
+            b_ptrs = B + cols[:, None] * k + offs_k[None, :]
         for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            cmask = cols < d
-            h = tl.load(H + row_off[:, None] + cols[None, :] * s_hd, mask=rmask[:, None] & cmask[None, :], other=0.0)
+            if EVEN_D:
+                if EVEN_N:
+                    h = tl.load(h_ptrs)
+                else:
+                    h = tl.load(h_ptrs, mask=rmask[:, None], other=0.0)
+                if SPLIT_BASIS:
+                    b_hi = tl.load(bh_ptrs)
+                    b_lo = tl.load(bl_ptrs)
+                else:
+                    b = tl.load(b_ptrs, mask=kmask[None, :], other=0.0)
+            else:
+                cmask = (d0 + cols) < d
+                h = tl.load(h_ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
+                if SPLIT_BASIS:
+                    b_hi = tl.load(bh_ptrs, mask=cmask[:, None], other=0.0)
+                    b_lo = tl.load(bl_ptrs, mask=cmask[:, None], other=0.0)
+                else:
+                    b = tl.load(b_ptrs, mask=cmask[:, None] & kmask[None, :], other=0.0)
             if SPLIT_BASIS:
-                # (d, BLOCK_K) hi/lo, zero-padded: no column mask needed.
-                b_off = cols[:, None] * BLOCK_K + offs_k[None, :]
-                b_hi = tl.load(B_HI + b_off, mask=cmask[:, None], other=0.0)
-                b_lo = tl.load(B_LO + b_off, mask=cmask[:, None], other=0.0)
                 z = _half_dot(h, b_hi, z, UPCAST_DOT)
                 z_lo = _half_dot(h, b_lo, z_lo, UPCAST_DOT)
+                bh_ptrs += BLOCK_D * BLOCK_K
+                bl_ptrs += BLOCK_D * BLOCK_K
             else:
-                b = tl.load(B + cols[:, None] * k + offs_k[None, :], mask=cmask[:, None] & kmask[None, :], other=0.0)
                 z = tl.dot(h, b, z, input_precision="ieee")
+                b_ptrs += BLOCK_D * k
+            h_ptrs += BLOCK_D * s_hd
         if SPLIT_BASIS:
             z = z + z_lo
         zk_mask = rmask[:, None] & kmask[None, :]
@@ -178,7 +210,7 @@ def _penalty_bwd_kernel(
     DZ_GIVEN: tl.constexpr, HAS_GRAD_IN: tl.constexpr, HAS_WEIGHT: tl.constexpr, GRAM: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
+    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, UPCAST_DOT: tl.constexpr,
 ):
     """GOUT_t = GIN_t + s * dZ_t B^T, where (unless DZ_GIVEN, when Z holds dZ itself)
     dZ_t = w_t (c1 (Z_t - A_t) + c2 (G - G_A) Z_t),  s = grad of the loss, and
@@ -213,32 +245,48 @@ def _penalty_bwd_kernel(
             dz_hi = dz.to(tl.bfloat16)
             dz_lo = (dz - dz_hi.to(tl.float32)).to(tl.bfloat16)
         gin_off = (rows // n1) * s_g0 + (rows % n1) * s_g1
+        cols = tl.arange(0, BLOCK_D)
+        gin_ptrs = GIN + gin_off[:, None] + cols[None, :] * s_gd
+        out_ptrs = GOUT + rows[:, None] * d + cols[None, :]
+        if SPLIT:  # (BLOCK_K, d) bf16 hi/lo, zero-padded rows: no k mask
+            bth_ptrs = BT_HI + offs_k[:, None] * d + cols[None, :]
+            btl_ptrs = BT_LO + offs_k[:, None] * d + cols[None, :]
+        else:
+            bt_ptrs = B + offs_k[:, None] + cols[None, :] * k
         for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
-            cols = d0 + tl.arange(0, BLOCK_D)
-            cmask = cols < d
-            tile_mask = rmask[:, None] & cmask[None, :]
+            cmask = (d0 + cols) < d
             if SPLIT:
-                # (BLOCK_K, d) bf16 hi/lo, zero-padded rows: no row mask needed.
-                bt_off = offs_k[:, None] * d + cols[None, :]
-                bt_hi = tl.load(BT_HI + bt_off, mask=cmask[None, :], other=0.0)
-                bt_lo = tl.load(BT_LO + bt_off, mask=cmask[None, :], other=0.0)
+                if EVEN_D:
+                    bt_hi = tl.load(bth_ptrs)
+                    bt_lo = tl.load(btl_ptrs)
+                else:
+                    bt_hi = tl.load(bth_ptrs, mask=cmask[None, :], other=0.0)
+                    bt_lo = tl.load(btl_ptrs, mask=cmask[None, :], other=0.0)
                 g = _half_dot(dz_hi, bt_hi, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), UPCAST_DOT)
                 g = _half_dot(dz_lo, bt_hi, g, UPCAST_DOT)
                 g = _half_dot(dz_hi, bt_lo, g, UPCAST_DOT)
+                bth_ptrs += BLOCK_D
+                btl_ptrs += BLOCK_D
             else:
-                bt = tl.load(B + offs_k[:, None] + cols[None, :] * k, mask=kmask[:, None] & cmask[None, :], other=0.0)
+                bt = tl.load(bt_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
                 g = tl.dot(dz, bt, input_precision="ieee")
-            if HAS_GRAD_IN:
-                g += tl.load(GIN + gin_off[:, None] + cols[None, :] * s_gd, mask=tile_mask, other=0.0).to(tl.float32)
-            tl.store(GOUT + rows[:, None] * d + cols[None, :], g.to(GOUT.dtype.element_ty), mask=tile_mask)
+                bt_ptrs += BLOCK_D * k
+            if EVEN_N and EVEN_D:
+                if HAS_GRAD_IN:
+                    g += tl.load(gin_ptrs).to(tl.float32)
+                tl.store(out_ptrs, g.to(GOUT.dtype.element_ty))
+            else:
+                tile_mask = rmask[:, None] & cmask[None, :]
+                if HAS_GRAD_IN:
+                    g += tl.load(gin_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
+                tl.store(out_ptrs, g.to(GOUT.dtype.element_ty), mask=tile_mask)
+            gin_ptrs += BLOCK_D * s_gd
+            out_ptrs += BLOCK_D
 
 
 # ----------------------------------------------------------------------------------------------
 # Launchers. Inputs are already checked and converted by the functional layer:
 # basis fp32 contiguous (d, k); anchors fp32 contiguous (N, k); weight fp32 contiguous (N,) or None.
-
-
-SPLIT_BLOCK_D = 256
 
 
 def _split_basis(basis: Tensor, dtype: torch.dtype, transposed: bool) -> tuple[Tensor, Tensor]:
@@ -260,9 +308,10 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
     lay = row_layout(hidden)
     N, d, k = lay.rows, hidden.shape[-1], basis.shape[1]
     device = hidden.device
-    block_d = _block_d(hidden.dtype)
-    row_blocks = triton.cdiv(N, BLOCK_N)
-    programs = persistent_programs(row_blocks, device, PROGRAMS_PER_SM)
+    cfg = FWD_CONFIG
+    block_d = cfg.block_d(hidden.dtype)
+    row_blocks = triton.cdiv(N, cfg.block_n)
+    programs = persistent_programs(row_blocks, device, cfg.programs_per_sm)
     gram = compute_loss and gram_coef != 0.0
     part_width = 2 + (k * k if gram else 0)
     coords = new_output((N, k), torch.float32, device)
@@ -276,8 +325,9 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
         row_blocks, part_width,
         SPLIT_BASIS=split, COMPUTE_LOSS=compute_loss,
         HAS_WEIGHT=weight is not None, GRAM=gram,
-        BLOCK_N=BLOCK_N, BLOCK_D=block_d, BLOCK_K=padded_k(k), NUM_STAGES=NUM_STAGES,
-        UPCAST_DOT=interpreting(), num_warps=NUM_WARPS,
+        BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_K=padded_k(k), NUM_STAGES=cfg.num_stages,
+        EVEN_N=N % cfg.block_n == 0, EVEN_D=d % block_d == 0,
+        UPCAST_DOT=interpreting(), num_warps=cfg.num_warps,
     )
     if not compute_loss:
         return coords, None, None
@@ -285,7 +335,7 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
     state = new_output((part_width,), torch.float32, device)
     _penalty_finalize_kernel[(1,)](
         partials, loss, state, programs, part_width, float(drift_coef), float(gram_coef),
-        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_E=triton.next_power_of_2(part_width), num_warps=NUM_WARPS,
+        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_E=triton.next_power_of_2(part_width), num_warps=FINALIZE_WARPS,
     )
     return coords, loss, state
 
@@ -313,8 +363,10 @@ def _backward(grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_
         gin, n1, s0, s1, sd = lay.tensor, lay.n1, lay.stride0, lay.stride1, lay.stride_col
     else:
         gin, n1, s0, s1, sd = kernel_out, 1, 0, 0, 0
-    row_blocks = triton.cdiv(N, BLOCK_N)
-    programs = persistent_programs(row_blocks, device, PROGRAMS_PER_SM)
+    cfg = BWD_CONFIG
+    block_d = cfg.block_d(hidden_dtype)
+    row_blocks = triton.cdiv(N, cfg.block_n)
+    programs = persistent_programs(row_blocks, device, cfg.programs_per_sm)
     dummy = coords
     split = hidden_dtype != torch.float32
     bt_hi, bt_lo = _split_basis(basis, torch.bfloat16, transposed=True) if split else (basis, basis)
@@ -325,8 +377,9 @@ def _backward(grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_
         row_blocks,
         DZ_GIVEN=dz_given, HAS_GRAD_IN=grad_in is not None, HAS_WEIGHT=weight is not None,
         GRAM=(not dz_given) and gram_coef != 0.0, SPLIT=split,
-        BLOCK_N=BLOCK_N, BLOCK_D=_block_d(hidden_dtype), BLOCK_K=padded_k(k), NUM_STAGES=NUM_STAGES,
-        UPCAST_DOT=interpreting(), num_warps=NUM_WARPS,
+        BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_K=padded_k(k), NUM_STAGES=cfg.num_stages,
+        EVEN_N=N % cfg.block_n == 0, EVEN_D=d % block_d == 0,
+        UPCAST_DOT=interpreting(), num_warps=cfg.num_warps,
     )
     if emulate_rounding:
         out.copy_(kernel_out)
