@@ -35,7 +35,7 @@ def breakdown(case: pb.Case) -> None:
     with torch.cuda.stream(side):
         split = pb._graph_time(lambda: [tp._split_basis(basis, case.torch_dtype, False) for _ in range(20)], 20)
         fin = pb._graph_time(lambda: [tp._penalty_finalize_kernel[(1,)](
-            part, loss, state, P, part.shape[1], 1.0, 0.1, BLOCK_P=tp.FINALIZE_BLOCK_P,
+            part, loss, state, P, part.shape[1], 1.0, 0.1, BLOCK_P=min(256, tp.FINALIZE_TILE // 128),
             BLOCK_E=triton.next_power_of_2(part.shape[1]), num_warps=tp.FINALIZE_WARPS) for _ in range(20)], 20)
     torch.cuda.synchronize()
     print(f"breakdown: split_basis {split * 1e3:.1f} us, finalize (P={P}) {fin * 1e3:.1f} us per launch", flush=True)
@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--d", type=int, default=4096)
     ap.add_argument("--k", type=int, default=8)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--modes", default="fwd,bwd", help="which passes to sweep")
     args = ap.parse_args()
     case = pb.Case(args.N, args.d, args.k, args.dtype)
     copy = pb.copy_bandwidth_gbps()
@@ -60,9 +61,13 @@ def main() -> int:
             continue  # one program per row block already: per_sm changes nothing
         grid.append(tp.TileConfig(bn, bd, bd, warps, stages, per_sm))
     fwd_grid = [c for c in grid if c.block_n >= 64 and c.programs_per_sm <= 2]
-    bwd_grid = [c for c in grid if c.block_n <= 64 and c.num_stages == 3]
+    bwd_grid = [c for c in grid if c.block_n <= 64 and c.num_stages == 3 and c.block_d_half >= 128]
     best = {}
+    default_fwd = tp.FWD_CONFIG
     for mode, configs in (("fwd", fwd_grid), ("bwd", bwd_grid)):
+        if mode not in args.modes.split(","):
+            continue
+        tp.FWD_CONFIG = default_fwd  # the bwd sweep runs forwards too: keep them on a config that compiles
         rows = []
         for cfg in configs:
             if mode == "fwd":

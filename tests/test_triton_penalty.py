@@ -191,3 +191,20 @@ def test_backend_auto_on_cpu_is_the_reference():
     a = rg.geometry_loss(hidden, basis, anchors, weight, backend="auto")
     b = rg.geometry_loss(hidden, basis, anchors, weight, backend="torch")
     assert torch.equal(a, b)
+
+
+def test_basis_changed_in_place_is_not_served_from_cache():
+    """The launchers cache the split basis; an in-place update must be seen."""
+    hidden, basis, anchors, weight = make_inputs((40,), 96, 4, torch.bfloat16, weights="random", device=DEVICE)
+    first = rg.project(hidden, basis, backend=BACKEND)
+    other = rg.orthonormalize_basis(torch.randn(96, 4, dtype=torch.float64)).to(DEVICE)
+    basis.copy_(other)
+    second = rg.project(hidden, basis, backend=BACKEND)
+    assert rel_err(second, hidden.double().cpu() @ other.double().cpu()) <= COORD_TOL[torch.bfloat16]
+    assert not torch.equal(first, second)
+    h = hidden.clone().requires_grad_(True)
+    loss = rg.geometry_loss(h, basis, anchors, weight, backend=BACKEND)
+    loss.backward()
+    ref_loss, ref_grad = reference_loss_and_grad(hidden, other, anchors, weight, 1.0, 0.0)
+    assert rel_err(loss, ref_loss) <= LOSS_TOL[torch.bfloat16]
+    assert rel_err(h.grad, ref_grad) <= GRAD_TOL[torch.bfloat16]

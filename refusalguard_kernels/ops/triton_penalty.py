@@ -30,6 +30,7 @@ The k x k products (Gram partials, Z (G - G_A)) are always ieee fp32.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
@@ -55,8 +56,8 @@ class TileConfig(NamedTuple):
 # project() and the loss forward share FWD_CONFIG, which is what makes their Z bitwise equal.
 FWD_CONFIG = TileConfig(block_n=128, block_d_half=128, block_d_fp32=64, num_warps=4, num_stages=4, programs_per_sm=1)
 BWD_CONFIG = TileConfig(block_n=32, block_d_half=256, block_d_fp32=128, num_warps=4, num_stages=3, programs_per_sm=4)
-FINALIZE_BLOCK_P = 16
-FINALIZE_WARPS = 4
+FINALIZE_TILE = 16384  # elements of the partials the finalize program loads at once
+FINALIZE_WARPS = 8
 SPLIT_BLOCK_D = 256
 
 
@@ -289,8 +290,25 @@ def _penalty_bwd_kernel(
 # basis fp32 contiguous (d, k); anchors fp32 contiguous (N, k); weight fp32 contiguous (N,) or None.
 
 
+_SPLIT_CACHE: OrderedDict = OrderedDict()
+SPLIT_CACHE_SIZE = 16
+
+
 def _split_basis(basis: Tensor, dtype: torch.dtype, transposed: bool) -> tuple[Tensor, Tensor]:
-    """hi/lo parts of the fp32 basis in ``dtype``, (d, K) or, transposed, (K, d); K = padded k."""
+    """hi/lo parts of the fp32 basis in ``dtype``, (d, K) or, transposed, (K, d); K = padded k.
+
+    A training run passes the same basis every step, so the split is cached: keyed by
+    the basis' address and version counter (any in-place change bumps it), and the
+    entry holds the basis itself so its memory cannot be reused under the same address.
+    """
+    try:
+        key = (basis.data_ptr(), basis._version, tuple(basis.shape), str(basis.device), dtype, transposed)
+    except RuntimeError:  # inference-mode tensors have no version counter: do not cache
+        key = None
+    hit = _SPLIT_CACHE.get(key) if key is not None else None
+    if hit is not None:
+        _SPLIT_CACHE.move_to_end(key)
+        return hit[1], hit[2]
     d, k = basis.shape
     K = padded_k(k)
     shape = (K, d) if transposed else (d, K)
@@ -301,6 +319,10 @@ def _split_basis(basis: Tensor, dtype: torch.dtype, transposed: bool) -> tuple[T
         basis, hi, lo, d, k, s_row, s_col, BLOCK_D=SPLIT_BLOCK_D, BLOCK_K=K,
         num_warps=4,
     )
+    if key is not None:
+        _SPLIT_CACHE[key] = (basis, hi, lo)
+        while len(_SPLIT_CACHE) > SPLIT_CACHE_SIZE:
+            _SPLIT_CACHE.popitem(last=False)
     return hi, lo
 
 
@@ -333,9 +355,12 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
         return coords, None, None
     loss = new_output((), torch.float32, device)
     state = new_output((part_width,), torch.float32, device)
+    block_e = triton.next_power_of_2(part_width)
+    # As many partial rows per load as fit in FINALIZE_TILE elements: usually all of them in one go.
+    block_p = max(1, min(triton.next_power_of_2(programs), FINALIZE_TILE // block_e))
     _penalty_finalize_kernel[(1,)](
         partials, loss, state, programs, part_width, float(drift_coef), float(gram_coef),
-        BLOCK_P=FINALIZE_BLOCK_P, BLOCK_E=triton.next_power_of_2(part_width), num_warps=FINALIZE_WARPS,
+        BLOCK_P=block_p, BLOCK_E=block_e, num_warps=FINALIZE_WARPS,
     )
     return coords, loss, state
 
