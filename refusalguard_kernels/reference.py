@@ -33,7 +33,9 @@ def _compute_dtype(hidden: Tensor) -> torch.dtype:
 def project(hidden: Tensor, basis: Tensor) -> Tensor:
     """Z = H B with float32 (or float64) accumulation; shape (..., k)."""
     dtype = _compute_dtype(hidden)
-    return hidden.to(dtype) @ basis.to(dtype)
+    # An enclosing autocast region would run this matmul in bf16/fp16: the contract says fp32.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return hidden.to(dtype) @ basis.to(dtype)
 
 
 def _stats(coords: Tensor, anchors: Tensor, weight: Tensor | None):
@@ -45,7 +47,8 @@ def _stats(coords: Tensor, anchors: Tensor, weight: Tensor | None):
     # W == 0 must give 0, not 0/0: divide by 1 instead and let the zero weights do the rest.
     inv_total = torch.where(total > 0, 1.0 / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
     # G - G_A as one difference of weighted sums, so Z == A gives exactly zero.
-    gram_diff = ((z * w[:, None]).T @ z - (a * w[:, None]).T @ a) * inv_total
+    with torch.autocast(z.device.type, enabled=False):
+        gram_diff = ((z * w[:, None]).T @ z - (a * w[:, None]).T @ a) * inv_total
     return z, a, w, inv_total, gram_diff
 
 
@@ -76,4 +79,5 @@ def loss_grad_coords(
     """dL/dZ in closed form (N x k); dL/dH is this times B^T."""
     z, a, w, inv_total, gram_diff = _stats(coords, anchors, weight)
     scale = w[:, None] * inv_total
-    return drift_coef * 2 * scale * (z - a) + gram_coef * 4 * scale * (z @ gram_diff)
+    with torch.autocast(z.device.type, enabled=False):
+        return drift_coef * 2 * scale * (z - a) + gram_coef * 4 * scale * (z @ gram_diff)

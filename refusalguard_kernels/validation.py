@@ -117,7 +117,8 @@ def check_values(basis: Tensor, anchors: Tensor | None = None, weight: Tensor | 
     k = b.shape[1]
     flags = [~torch.isfinite(b).all()]
     eye = torch.eye(k, dtype=torch.float32, device=b.device)
-    ortho_err = (b.T @ b - eye).abs().max()
+    with torch.autocast(b.device.type, enabled=False):  # a bf16 autocast matmul would misjudge orthonormality
+        ortho_err = (b.T @ b - eye).abs().max()
     flags.append(ortho_err)
     if anchors is not None:
         flags.append(~torch.isfinite(anchors.detach()).all())

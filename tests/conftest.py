@@ -4,8 +4,14 @@ TRITON_INTERPRET must be set before triton is imported, hence here, first.
 """
 
 import os
+import tempfile
 
 import torch
+
+# Tests never touch the network or the user's caches: models and data are built locally.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="refusalguard-tests-hf-"))
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -185,3 +185,16 @@ def test_torch_compile_traces_without_graph_breaks(backend):
         results.append((value.detach(), h.grad))
     assert rel_err(results[1][0], results[0][0]) <= 1e-6
     assert rel_err(results[1][1], results[0][1]) <= 1e-6
+
+
+def test_autocast_does_not_lower_the_reference_precision():
+    """Inside a bf16 autocast region the contract still holds: fp32 coordinates, and an
+    orthonormal basis is still accepted."""
+    hidden, basis, anchors, weight = make_inputs((30,), 64, 4, torch.float32)
+    want_coords = hidden.double() @ basis.double()
+    want_loss = reference.geometry_loss(hidden.double(), basis.double(), anchors.double(), weight.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        coords = rg.project(hidden, basis, backend="torch")
+        loss = rg.geometry_loss(hidden, basis, anchors, weight, backend="torch")
+    assert coords.dtype == torch.float32 and rel_err(coords, want_coords) <= 1e-6
+    assert rel_err(loss, want_loss) <= 1e-5

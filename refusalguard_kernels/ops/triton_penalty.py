@@ -54,8 +54,8 @@ class TileConfig(NamedTuple):
 
 # Chosen by benchmarks/tune_triton.py on an H100 (bf16, N=16384, d=4096, k=8); see benchmarks/NOTES.md.
 # project() and the loss forward share FWD_CONFIG, which is what makes their Z bitwise equal.
-FWD_CONFIG = TileConfig(block_n=128, block_d_half=128, block_d_fp32=64, num_warps=4, num_stages=4, programs_per_sm=1)
-BWD_CONFIG = TileConfig(block_n=32, block_d_half=256, block_d_fp32=128, num_warps=4, num_stages=3, programs_per_sm=4)
+FWD_CONFIG = TileConfig(block_n=128, block_d_half=128, block_d_fp32=64, num_warps=4, num_stages=3, programs_per_sm=1)
+BWD_CONFIG = TileConfig(block_n=32, block_d_half=128, block_d_fp32=128, num_warps=8, num_stages=3, programs_per_sm=4)
 FINALIZE_TILE = 16384  # elements of the partials the finalize program loads at once
 FINALIZE_WARPS = 8
 SPLIT_BLOCK_D = 256
