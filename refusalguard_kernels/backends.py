@@ -10,13 +10,14 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from types import ModuleType
 
 import torch
 
-__all__ = ["available_backends", "resolve_backend", "kernel_module", "BACKENDS"]
+__all__ = ["available_backends", "resolve_backend", "kernel_module", "refresh", "BACKENDS"]
 
 BACKENDS = ("torch", "triton", "cuda")
 # On CUDA tensors "auto" takes the first kernel backend that is available.
@@ -47,12 +48,24 @@ def _cuda_extension_error() -> str | None:
 def available_backends() -> list[str]:
     """Backends that can run here: "torch" always; "triton" with a GPU (or under
     TRITON_INTERPRET=1); "cuda" when the csrc extension is built and a GPU is present."""
+    return list(_available(_interpreting()))
+
+
+@functools.lru_cache(maxsize=None)
+def _available(interpreting: bool) -> tuple[str, ...]:
+    # Probing imports costs ~100 us; "auto" asks on every call, so the answer is cached
+    # (refresh() clears it, e.g. after a just-in-time build of the CUDA extension).
     names = ["torch"]
-    if _triton_importable() and (torch.cuda.is_available() or _interpreting()):
+    if _triton_importable() and (torch.cuda.is_available() or interpreting):
         names.append("triton")
     if torch.cuda.is_available() and _cuda_extension_error() is None:
         names.append("cuda")
-    return names
+    return tuple(names)
+
+
+def refresh() -> None:
+    """Forget the cached list of available backends."""
+    _available.cache_clear()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
@@ -62,8 +75,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
+        available = _available(_interpreting())
         for name in _AUTO_ORDER:
-            if name in available_backends():
+            if name in available:
                 return name
         return "torch"
     if backend == "triton":

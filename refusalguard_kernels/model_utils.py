@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from collections.abc import Iterator
 
@@ -22,6 +23,7 @@ __all__ = [
     "replace_layer_hidden",
     "has_chat_template",
     "format_prompts",
+    "input_device",
 ]
 
 # Where the decoder block list lives, relative to the bare transformers model, most common first.
@@ -38,6 +40,21 @@ _KNOWN_LAYER_PATHS = (
     "h",
     "decoder.layers",
 )
+
+
+@contextlib.contextmanager
+def _autocast_off():
+    """Autocast off on CPU and CUDA: value checks (B^T B = I) must run in float32, not bf16."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+class _StopForward(Exception):
+    """Raised by a capture hook after the last layer it needs: the layers above it and the
+    LM head need not run (caught by the caller that started the forward)."""
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

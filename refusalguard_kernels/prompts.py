@@ -155,7 +155,9 @@ def _load_dataset(name: str, *, column: str | None, split: str) -> list:
     try:
         import datasets
     except ImportError as exc:  # pragma: no cover - datasets is in the train extra
-        raise ImportError("loading prompts from a dataset needs `datasets`: pip install 'refusalguard_kernels[train]'") from exc
+        raise ImportError(
+            "loading prompts from a dataset needs `datasets`: pip install 'refusalguard_kernels[train]'"
+        ) from exc
     try:
         dataset = datasets.load_dataset(name, split=split)
     except Exception as exc:
