@@ -54,24 +54,11 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name(0)
     print(f"device: {device}; copy bandwidth {copy_gbps:.0f} GB/s (read+write)", flush=True)
 
-    rows = []
-    cases = grid(args.grid)
-    for case in cases:
-        for variant in variants:
-            if variant == "compiled-static" and case != TARGET:
-                continue
-            try:
-                for r in pb.measure(case, variant, copy_gbps, call_overhead=args.grid == "target"):
-                    rows.append(pb.as_dict(r))
-                    print(f"{variant:>15} {r.mode:>6} N={case.N:<6} d={case.d:<5} k={case.k:<3} {case.dtype:<8} "
-                          f"{r.gpu_ms * 1e3:9.1f} us {r.gbps:7.0f} GB/s {r.pct_copy_bw:5.1f}%", flush=True)
-            except torch.OutOfMemoryError as exc:
-                print(f"{variant} N={case.N} d={case.d} k={case.k}: out of memory ({exc})", flush=True)
-                torch.cuda.empty_cache()
-
     stamp = dt.datetime.now().strftime("%Y-%m-%d")
     slug = device.replace(" ", "_").replace("/", "_") + "-" + stamp + (f"-{args.tag}" if args.tag else "")
     os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, slug + ".json")
+    rows = []
     payload = {
         "device": device,
         "date": stamp,
@@ -84,15 +71,33 @@ def main(argv=None) -> int:
         "grid": args.grid,
         "rows": rows,
     }
-    path = os.path.join(args.out, slug + ".json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1)
-    os.replace(tmp, path)
+    cases = grid(args.grid)
+    for case in cases:
+        for variant in variants:
+            if variant == "compiled-static" and case != TARGET:
+                continue
+            if variant.startswith("compiled") and args.grid == "target" and case.dtype != TARGET.dtype:
+                continue  # one fp32 row: eager and the kernels (a second compile would cost minutes)
+            try:
+                for r in pb.measure(case, variant, copy_gbps, call_overhead=args.grid == "target"):
+                    rows.append(pb.as_dict(r))
+                    print(f"{variant:>15} {r.mode:>6} N={case.N:<6} d={case.d:<5} k={case.k:<3} {case.dtype:<8} "
+                          f"{r.gpu_ms * 1e3:9.1f} us {r.gbps:7.0f} GB/s {r.pct_copy_bw:5.1f}%", flush=True)
+            except torch.OutOfMemoryError as exc:
+                print(f"{variant} N={case.N} d={case.d} k={case.k}: out of memory ({exc})", flush=True)
+                torch.cuda.empty_cache()
+        _save(payload, path)  # after every case: a run cut short still leaves its rows
     plot(payload, os.path.join(args.out, slug + ".png"))
     print(f"wrote {path}")
     print_summary(payload)
     return 0
+
+
+def _save(payload: dict, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=1)
+    os.replace(tmp, path)
 
 
 def plot(payload: dict, path: str) -> None:
