@@ -116,6 +116,9 @@ def variant_fn(variant: str):
     if variant in ("compiled", "compiled-static"):
         if variant not in _compiled:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            # The backward-only timing replays one compiled graph with retain_graph=True,
+            # which donated buffers forbid.
+            torch._functorch.config.donated_buffer = False
             _compiled[variant] = torch.compile(_reference_guard, dynamic=variant == "compiled")
         return _compiled[variant]
     if variant in ("triton", "cuda"):

@@ -116,7 +116,7 @@ def main() -> int:
 
         hidden, basis, anchors, weight = inputs(1000, 4099, 16, dtype, "zeros", True)
         h = hidden.detach().requires_grad_(True)
-        out, loss = rk.guard(h, basis, anchors, weight, gram_coef=0.25, backend="cuda")
+        out, loss = rk.guard(h, basis, anchors, weight, drift_coef=1.3, gram_coef=0.25, backend="cuda")
         g_out = torch.randn(h.shape, device="cuda").to(dtype) * 1e-3
         gh = torch.autograd.grad((out, loss), h, grad_outputs=(g_out, torch.tensor(0.61, device="cuda")))[0]
         _, rg = ref_loss_and_grad(hidden, basis, anchors, weight, 0.25, s=0.61)

@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import refusalguard_kernels as rk
+from refusalguard_kernels import backends
 from refusalguard_kernels import reference
 from refusalguard_kernels.ops import cuda_penalty, penalty
 
@@ -185,8 +186,10 @@ def extension_missing(monkeypatch):
     monkeypatch.delenv(cuda_penalty.JIT_ENV, raising=False)
     monkeypatch.setattr(cuda_penalty, "_ops_registered", lambda: False)
     monkeypatch.setattr(cuda_penalty, "_load_state", cuda_penalty._UNSET)
+    backends.refresh()  # available_backends() caches its answer
     yield
     cuda_penalty._load_state = cuda_penalty._UNSET
+    backends.refresh()
 
 
 def test_backend_cuda_without_extension_is_a_clear_error(extension_missing):
@@ -496,10 +499,16 @@ def test_gpu_matches_float64_reference(cuda_backend, poisoned, n, d, k, dtype):
     hidden, basis, anchors, weight = make_inputs(n, d, k, dtype, "cuda", weight_kind, layout)
     for gram_coef in (0.0, 0.7):
         ref_loss, ref_grad = reference_loss_and_grad(hidden, basis, anchors, weight, 1.3, gram_coef)
-        loss, grad = _gpu_loss_and_grad(hidden, basis, anchors, weight, 1.3, gram_coef, grad_scale=0.37)
+        grad_scale = 0.37
+        if dtype == torch.float16:
+            # fp16 training runs with a (dynamic) loss scale: without one, gradients of large N
+            # land in fp16's subnormals, where even the correctly rounded float64 answer is
+            # 1e-3 to 2e-3 off (measured). Scale them into the normal range, as GradScaler does.
+            grad_scale *= 2.0 ** math.floor(math.log2(1024.0 / max(0.37 * ref_grad.abs().max().item(), 1e-30)))
+        loss, grad = _gpu_loss_and_grad(hidden, basis, anchors, weight, 1.3, gram_coef, grad_scale=grad_scale)
         assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype], (gram_coef, loss.item(), ref_loss.item())
         assert grad.dtype == dtype and grad.shape == hidden.shape
-        assert rel_err(grad, 0.37 * ref_grad.reshape(hidden.shape)) <= GRAD_TOL[dtype], gram_coef
+        assert rel_err(grad, grad_scale * ref_grad.reshape(hidden.shape)) <= GRAD_TOL[dtype], gram_coef
     coords = rk.project(hidden, basis, backend="cuda")
     assert coords.shape == hidden.shape[:-1] + (k,)
     assert rel_err(coords, reference.project(hidden.double().cpu(), basis.double().cpu())) <= 1e-5
