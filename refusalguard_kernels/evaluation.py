@@ -127,6 +127,8 @@ def generate(
     """
     from tqdm.auto import tqdm
 
+    from .model_utils import input_device
+
     prompts = list(prompts)
     if not prompts:
         return []
@@ -142,7 +144,7 @@ def generate(
         raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
     # The chat template already wrote BOS where the model wants it.
     add_special = not (chat_template is not False and getattr(tokenizer, "chat_template", None) is not None)
-    device = next(model.parameters()).device
+    device = input_device(model)
     was_training = model.training
     model.eval()
     old_side = tokenizer.padding_side

@@ -9,6 +9,7 @@ count.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import shutil
@@ -28,6 +29,7 @@ __all__ = [
     "build_organism",
     "tokenize_conversations",
     "ConversationCollator",
+    "TqdmCallback",
     "train_causal_lm",
     "save_organism",
     "load_organism",
@@ -123,6 +125,46 @@ class ConversationCollator:
         return batch
 
 
+class TqdmCallback:
+    """A tqdm bar for a ``transformers.Trainer`` run (loss in the postfix) that keeps every log
+    in ``logs`` instead of printing it; ``install(trainer)`` swaps it for the Trainer's printers."""
+
+    def __init__(self, desc: str, *, enabled: bool = True):
+        self.desc, self.enabled = desc, enabled
+        self.bar = None
+        self.logs: list[dict] = []
+
+    def install(self, trainer) -> None:
+        from transformers import TrainerCallback
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        outer = self
+
+        class _Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                from tqdm.auto import tqdm
+
+                outer.bar = tqdm(total=state.max_steps, desc=outer.desc, disable=not outer.enabled, leave=False,
+                                 unit="step")
+
+            def on_step_end(self, args, state, control, **kwargs):
+                outer.bar.update(1)
+
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs:
+                    outer.logs.append({"step": state.global_step, **logs})
+                    shown = {k: f"{logs[k]:.3g}" for k in ("loss", "guard_penalty") if k in logs}
+                    if shown:
+                        outer.bar.set_postfix(shown, refresh=False)
+
+            def on_train_end(self, args, state, control, **kwargs):
+                outer.bar.close()
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_Callback())
+
+
 def _llama_config(tokenizer, cfg: OrganismConfig):
     from transformers import LlamaConfig
 
@@ -178,15 +220,15 @@ def train_causal_lm(
             use_cpu=True,
             report_to="none",
             save_strategy="no",
-            logging_strategy="no",
-            disable_tqdm=not show_progress,
+            logging_strategy="steps",
+            logging_steps=25,
+            disable_tqdm=True,
             dataloader_num_workers=0,
             remove_unused_columns=False,
         )
         trainer = Trainer(model=model, args=args, train_dataset=dataset,
                           data_collator=ConversationCollator(pad_token_id))
-        if show_progress:
-            print(f"[organism] {desc}: {max_steps} steps, batch {batch_size}, lr {learning_rate:g}", flush=True)
+        TqdmCallback(desc, enabled=show_progress).install(trainer)
         result = trainer.train()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -198,9 +240,9 @@ def build_organism(config: OrganismConfig | str = "full", *, show_progress: bool
     """Generate the corpus, train the tokenizer, and train a Llama model from scratch on the corpus."""
     from transformers import LlamaForCausalLM
 
-    cfg = PRESETS[config] if isinstance(config, str) else config
     if isinstance(config, str) and config not in PRESETS:
         raise ValueError(f"unknown organism preset {config!r}; choose one of {sorted(PRESETS)}")
+    cfg = copy.deepcopy(PRESETS[config]) if isinstance(config, str) else config
     corpus = build_corpus(seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval, **cfg.corpus_kwargs)
     tokenizer = train_tokenizer(all_text())
     torch.manual_seed(cfg.seed)
