@@ -19,6 +19,7 @@ from .validation import check_inputs, check_values
 __all__ = ["project", "geometry_loss", "guard"]
 
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_REFERENCE_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 
 
 def _should_validate(validate: bool) -> bool:
@@ -40,8 +41,8 @@ def _prepare(hidden, basis, anchors, weight, backend, validate):
     if not isinstance(hidden, Tensor):
         raise TypeError(f"hidden must be a torch.Tensor; got {type(hidden).__name__}")
     name = resolve_backend(backend, hidden.device)
-    check_inputs(hidden, basis, anchors, weight, allowed_hidden_dtypes=_KERNEL_DTYPES if name != "torch" else
-                 (torch.float16, torch.bfloat16, torch.float32, torch.float64))
+    check_inputs(hidden, basis, anchors, weight,
+                 allowed_hidden_dtypes=_REFERENCE_DTYPES if name == "torch" else _KERNEL_DTYPES)
     if math.prod(hidden.shape[:-1]) == 0:
         raise ValueError(f"hidden has no tokens (shape {tuple(hidden.shape)}); pass at least one row")
     if _should_validate(validate):
@@ -55,6 +56,14 @@ def _prepare(hidden, basis, anchors, weight, backend, validate):
     return name, basis32, anchors32, weight32
 
 
+def _reference_loss(hidden, basis, anchors, weight, drift_coef: float, gram_coef: float) -> Tensor:
+    # Anchors, weights and basis are constants of the penalty: no gradient flows into them.
+    return reference.geometry_loss(
+        hidden, basis.detach(), anchors.detach(), None if weight is None else weight.detach(),
+        drift_coef=drift_coef, gram_coef=gram_coef,
+    )
+
+
 def project(hidden: Tensor, basis: Tensor, *, backend: str = "auto", validate: bool = True) -> Tensor:
     """Coordinates of ``hidden`` (..., d) in the orthonormal ``basis`` (d, k): a float32
     tensor (..., k), differentiable in ``hidden``.
@@ -64,9 +73,7 @@ def project(hidden: Tensor, basis: Tensor, *, backend: str = "auto", validate: b
     """
     name, basis_c, _, _ = _prepare(hidden, basis, None, None, backend, validate)
     if name == "torch":
-        return reference.project(hidden, basis_c.detach()).to(
-            torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        )
+        return reference.project(hidden, basis_c.detach())
     from .ops.penalty import project_op
 
     coords = project_op(hidden, basis_c, name)
@@ -89,10 +96,7 @@ def geometry_loss(
     drift_coef, gram_coef = _check_coef("drift_coef", drift_coef), _check_coef("gram_coef", gram_coef)
     name, basis_c, anchors_c, weight_c = _prepare(hidden, basis, anchors, weight, backend, validate)
     if name == "torch":
-        return reference.geometry_loss(
-            hidden, basis_c.detach(), anchors_c.detach(), None if weight_c is None else weight_c.detach(),
-            drift_coef=drift_coef, gram_coef=gram_coef,
-        )
+        return _reference_loss(hidden, basis_c, anchors_c, weight_c, drift_coef, gram_coef)
     from .ops.penalty import loss_forward_op
 
     _, loss, _ = loss_forward_op(hidden, basis_c, anchors_c, weight_c, drift_coef, gram_coef, name)
@@ -120,11 +124,7 @@ def guard(
     drift_coef, gram_coef = _check_coef("drift_coef", drift_coef), _check_coef("gram_coef", gram_coef)
     name, basis_c, anchors_c, weight_c = _prepare(hidden, basis, anchors, weight, backend, validate)
     if name == "torch":
-        loss = reference.geometry_loss(
-            hidden, basis_c.detach(), anchors_c.detach(), None if weight_c is None else weight_c.detach(),
-            drift_coef=drift_coef, gram_coef=gram_coef,
-        )
-        return hidden, loss
+        return hidden, _reference_loss(hidden, basis_c, anchors_c, weight_c, drift_coef, gram_coef)
     from .ops.penalty import GuardFunction
 
     return GuardFunction.apply(hidden, basis_c, anchors_c, weight_c, drift_coef, gram_coef, name)
