@@ -43,6 +43,7 @@ from .model_utils import (
     layer_hidden,
     model_hidden_size,
     model_name,
+    right_padded_batch,
 )
 from .prompts import load_prompts
 from .validation import check_values, orthonormalize_basis
@@ -343,12 +344,7 @@ def _collect(model, layer_modules, layers, encoded, batch_size, pad_id, device, 
     try:
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, (ids, _) in enumerate(chunk):
-                input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, : len(ids)] = 1
+            input_ids, attention_mask = right_padded_batch([ids for ids, _ in chunk], pad_id)
             state["lengths"] = torch.tensor([len(ids) for ids, _ in chunk], device=device)
             state["counts"] = torch.tensor([n for _, n in chunk], device=device, dtype=torch.float32)
             try:

@@ -39,7 +39,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .model_utils import find_decoder_layers, format_prompts, has_chat_template, input_device, layer_hidden
+from .model_utils import (
+    find_decoder_layers,
+    format_prompts,
+    has_chat_template,
+    input_device,
+    layer_hidden,
+    right_padded_batch,
+)
 
 __all__ = [
     "principal_angles",
@@ -149,12 +156,7 @@ def _collect(model, tokenizer, prompts, layers, batch_size, layers_path, progres
     try:
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
-            width = max(len(ids) for ids, _ in chunk)
-            input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for r, (ids, _) in enumerate(chunk):
-                input_ids[r, : len(ids)] = torch.as_tensor(ids)
-                attention_mask[r, : len(ids)] = 1
+            input_ids, attention_mask = right_padded_batch([ids for ids, _ in chunk], pad_id)
             state["lengths"] = torch.as_tensor([len(ids) for ids, _ in chunk], device=device)
             state["n_post"] = torch.as_tensor([n for _, n in chunk], device=device)
             model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), use_cache=False)

@@ -308,3 +308,17 @@ def input_device(model: nn.Module) -> torch.device:
     if embeddings is not None:
         return _module_device(embeddings)
     return _module_device(bare)
+
+
+def right_padded_batch(sequences, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for token-id lists, right-padded to the longest.
+
+    Right padding keeps every real token at the position it has when run alone, which
+    is what the activation readers (last token, post-instruction tokens) index by."""
+    width = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, ids in enumerate(sequences):
+        input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
+    return input_ids, attention_mask
