@@ -46,8 +46,10 @@ def _note(message: str) -> None:
 def _skip_or_exit(mode: str, reason: str):
     if mode == "1":
         raise SystemExit(f"REFUSALGUARD_BUILD_CUDA=1 but the CUDA extension cannot be built: {reason}")
-    _note(f"skipping the optional CUDA extension ({reason}); backend='cuda' will be unavailable. "
-          f"To build it: {HOW_TO_BUILD}")
+    _note(
+        f"skipping the optional CUDA extension ({reason}); backend='cuda' will be unavailable. "
+        f"To build it: {HOW_TO_BUILD}"
+    )
     return [], {}
 
 
@@ -126,7 +128,9 @@ def _optional_build(base):
                 super().build_extensions()
             except Exception as exc:  # compiler errors surface as RuntimeError, CompileError, ...
                 self.extensions = []  # nothing to copy or package afterwards
-                _note(f"building the CUDA extension failed ({type(exc).__name__}: {exc}); installing without it. "
-                      f"backend='cuda' will be unavailable. Rebuild with {HOW_TO_BUILD} to see the full error.")
+                _note(
+                    f"building the CUDA extension failed ({type(exc).__name__}: {exc}); installing without it. "
+                    f"backend='cuda' will be unavailable. Rebuild with {HOW_TO_BUILD} to see the full error."
+                )
 
     return OptionalBuildExtension

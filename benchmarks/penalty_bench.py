@@ -122,9 +122,19 @@ def variant_fn(variant: str):
             _compiled[variant] = torch.compile(_reference_guard, dynamic=variant == "compiled")
         return _compiled[variant]
     if variant in ("triton", "cuda"):
+
         def fn(hidden, basis, anchors, weight, drift_coef, gram_coef):
-            return rg.guard(hidden, basis, anchors, weight, drift_coef=drift_coef, gram_coef=gram_coef,
-                            backend=variant, validate=False)
+            return rg.guard(
+                hidden,
+                basis,
+                anchors,
+                weight,
+                drift_coef=drift_coef,
+                gram_coef=gram_coef,
+                backend=variant,
+                validate=False,
+            )
+
         return fn
     raise ValueError(variant)
 
@@ -231,6 +241,7 @@ def _measure(case, variant, copy_gbps, modes, call_overhead):
             if mode == "fwd":
                 call = lambda: fn(st["hidden"], basis, st["anchors"], st["weight"], dc, gc)  # noqa: E731
             elif mode == "fwdbwd":
+
                 def call():
                     out, loss = fn(st["hidden"], basis, st["anchors"], st["weight"], dc, gc)
                     torch.autograd.backward([out, loss], [st["grad_out"], s])
@@ -239,8 +250,9 @@ def _measure(case, variant, copy_gbps, modes, call_overhead):
                 call = lambda: torch.autograd.backward([out0, loss0], [st["grad_out"], s], retain_graph=True)  # noqa: E731
             call_ms = triton.testing.do_bench(call, grad_to_none=[st["hidden"]], return_mode="median")
         gbps = case.bytes(mode) / (ms * 1e-3) / 1e9
-        results.append(Result(variant, mode, case.N, case.d, case.k, case.dtype, ms, call_ms, gbps,
-                              100.0 * gbps / copy_gbps))
+        results.append(
+            Result(variant, mode, case.N, case.d, case.k, case.dtype, ms, call_ms, gbps, 100.0 * gbps / copy_gbps)
+        )
     graphs.clear()
     # Peak memory beyond inputs and the gradient backward must produce, for one fwd+bwd.
     st = sets[0]
@@ -257,7 +269,8 @@ def _measure(case, variant, copy_gbps, modes, call_overhead):
         if r.mode == "fwdbwd":
             r.extra_peak_mb = extra
             r.notes["N*k*4 bytes (MB)"] = case.N * case.k * 4 / 2**20
-    del sets, out, loss
+    sets.clear()  # frees the input sets; the closures above are not called again
+    del out, loss
     torch.cuda.empty_cache()
     return results
 

@@ -39,8 +39,11 @@ def grid(name: str) -> list[pb.Case]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--grid", default="target", choices=["target", "full"])
-    parser.add_argument("--variants", default="eager,compiled,compiled-static,triton,cuda",
-                        help="comma list among eager, compiled, compiled-static, triton, cuda (missing ones skipped)")
+    parser.add_argument(
+        "--variants",
+        default="eager,compiled,compiled-static,triton,cuda",
+        help="comma list among eager, compiled, compiled-static, triton, cuda (missing ones skipped)",
+    )
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG")
     parser.add_argument("--tag", default="", help="suffix for the file names")
     args = parser.parse_args(argv)
@@ -81,8 +84,11 @@ def main(argv=None) -> int:
             try:
                 for r in pb.measure(case, variant, copy_gbps, call_overhead=args.grid == "target"):
                     rows.append(pb.as_dict(r))
-                    print(f"{variant:>15} {r.mode:>6} N={case.N:<6} d={case.d:<5} k={case.k:<3} {case.dtype:<8} "
-                          f"{r.gpu_ms * 1e3:9.1f} us {r.gbps:7.0f} GB/s {r.pct_copy_bw:5.1f}%", flush=True)
+                    print(
+                        f"{variant:>15} {r.mode:>6} N={case.N:<6} d={case.d:<5} k={case.k:<3} {case.dtype:<8} "
+                        f"{r.gpu_ms * 1e3:9.1f} us {r.gbps:7.0f} GB/s {r.pct_copy_bw:5.1f}%",
+                        flush=True,
+                    )
             except torch.OutOfMemoryError as exc:
                 print(f"{variant} N={case.N} d={case.d} k={case.k}: out of memory ({exc})", flush=True)
                 torch.cuda.empty_cache()
@@ -115,8 +121,11 @@ def plot(payload: dict, path: str) -> None:
         for i, v in enumerate(variants):
             vals = []
             for s in shapes:
-                hit = [r["pct_copy_bw"] for r in rows if (r["N"], r["d"], r["k"]) == s and r["variant"] == v
-                       and r["mode"] == mode]
+                hit = [
+                    r["pct_copy_bw"]
+                    for r in rows
+                    if (r["N"], r["d"], r["k"]) == s and r["variant"] == v and r["mode"] == mode
+                ]
                 vals.append(hit[0] if hit else 0.0)
             ax.bar([j + i * width for j in range(len(shapes))], vals, width, label=v)
         ax.axhline(100, color="k", lw=0.8, ls="--")
@@ -136,14 +145,18 @@ def print_summary(payload: dict) -> None:
     rows = [r for r in payload["rows"] if (r["N"], r["d"], r["k"], r["dtype"]) == (t.N, t.d, t.k, t.dtype)]
     if not rows:
         return
-    print(f"\nsummary: N={t.N} d={t.d} k={t.k} {t.dtype}; copy BW {payload['copy_bandwidth_gbps']:.0f} GB/s "
-          f"({payload['device']})")
+    print(
+        f"\nsummary: N={t.N} d={t.d} k={t.k} {t.dtype}; copy BW {payload['copy_bandwidth_gbps']:.0f} GB/s "
+        f"({payload['device']})"
+    )
     print(f"{'variant':>15} {'mode':>6} {'gpu us':>9} {'call us':>9} {'GB/s':>7} {'%BW':>6} {'extra MB':>9}")
     for r in rows:
         call = f"{r['call_ms'] * 1e3:9.1f}" if r["call_ms"] is not None else f"{'-':>9}"
         extra = f"{r['extra_peak_mb']:9.2f}" if r["extra_peak_mb"] is not None else f"{'':>9}"
-        print(f"{r['variant']:>15} {r['mode']:>6} {r['gpu_ms'] * 1e3:9.1f} {call} {r['gbps']:7.0f} "
-              f"{r['pct_copy_bw']:6.1f} {extra}")
+        print(
+            f"{r['variant']:>15} {r['mode']:>6} {r['gpu_ms'] * 1e3:9.1f} {call} {r['gbps']:7.0f} "
+            f"{r['pct_copy_bw']:6.1f} {extra}"
+        )
     fb = {r["variant"]: r["gpu_ms"] for r in rows if r["mode"] == "fwdbwd"}
     for fast in ("triton", "cuda"):
         if fast in fb:

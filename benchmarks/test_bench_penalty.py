@@ -23,7 +23,9 @@ import refusalguard_kernels as rg  # noqa: E402
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 SHAPE = (16384, 4096, 8) if CUDA else (512, 256, 8)
-VARIANTS = ["eager", "compiled"] + [b for b in ("triton", "cuda") if b in rg.available_backends()] if CUDA else ["eager"]
+VARIANTS = (
+    ["eager", "compiled"] + [b for b in ("triton", "cuda") if b in rg.available_backends()] if CUDA else ["eager"]
+)
 
 
 def _sync():
@@ -52,6 +54,7 @@ def test_guard(benchmark, inputs, variant, mode):
     benchmark.extra_info.update(dict(zip(("N", "d", "k"), SHAPE), dtype="bfloat16", device=DEVICE, variant=variant))
 
     if mode == "fwd":
+
         def call():
             out = fn(hidden, basis, anchors, weight, 1.0, 0.1)
             _sync()
@@ -64,6 +67,7 @@ def test_guard(benchmark, inputs, variant, mode):
             torch.autograd.backward([out, loss], [grad_out, s], retain_graph=True)
             _sync()
     else:
+
         def call():
             hidden.grad = None
             out, loss = fn(hidden, basis, anchors, weight, 1.0, 0.1)

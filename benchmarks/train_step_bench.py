@@ -29,13 +29,20 @@ def build(args):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    sizes = dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
-                 vocab_size=128256)
+    sizes = dict(
+        hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8, vocab_size=128256
+    )
     if args.tiny:  # a CPU smoke test of this script, not a measurement
-        sizes = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+        sizes = dict(
+            hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=256
+        )
     config = LlamaConfig(
-        num_hidden_layers=args.layers, max_position_embeddings=8192, rope_theta=500000.0,
-        rms_norm_eps=1e-5, attention_dropout=0.0, **sizes,
+        num_hidden_layers=args.layers,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        attention_dropout=0.0,
+        **sizes,
     )
     config._attn_implementation = "sdpa"
     previous = torch.get_default_dtype()
@@ -45,8 +52,12 @@ def build(args):
             model = LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
     model = get_peft_model(model, lora)
     model.train()
     return model
@@ -128,8 +139,12 @@ def main(argv=None) -> int:
             peak = torch.cuda.max_memory_allocated()
         if guard is not None:
             guard.remove()
-        return {"variant": variant, "step_ms": statistics.median(times), "step_ms_all": times,
-                "peak_mem_gib": peak / 2**30}
+        return {
+            "variant": variant,
+            "step_ms": statistics.median(times),
+            "step_ms_all": times,
+            "peak_mem_gib": peak / 2**30,
+        }
 
     variants = ["plain", "guard-cached", "guard-online", "torch-penalty", "plain"]  # plain twice: run-to-run spread
     rows = [run(v) for v in variants]
@@ -140,19 +155,29 @@ def main(argv=None) -> int:
 
     device = "cpu-smoke" if args.tiny else torch.cuda.get_device_name(0)
     stamp = dt.datetime.now().strftime("%Y-%m-%d")
-    payload = {"device": device, "date": stamp, "torch": torch.__version__, "cuda": torch.version.cuda,
-               "setup": vars(args) | {"hooked_layers": hooked, "lora_r": 16, "dtype": "bfloat16"}, "rows": rows}
+    payload = {
+        "device": device,
+        "date": stamp,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "setup": vars(args) | {"hooked_layers": hooked, "lora_r": 16, "dtype": "bfloat16"},
+        "rows": rows,
+    }
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{device.replace(' ', '_')}-{stamp}-train_step.json")
     with open(path + ".tmp", "w") as fh:
         json.dump(payload, fh, indent=1)
     os.replace(path + ".tmp", path)
-    print(f"train-step summary ({device}; Llama-3-8B layer sizes x {args.layers}, seq {args.seq}, batch {args.batch}, "
-          f"LoRA r=16, bf16, guard on layers {hooked}, k={args.k})")
+    print(
+        f"train-step summary ({device}; Llama-3-8B layer sizes x {args.layers}, seq {args.seq}, batch {args.batch}, "
+        f"LoRA r=16, bf16, guard on layers {hooked}, k={args.k})"
+    )
     print(f"{'variant':>14} {'step ms':>9} {'vs plain':>9} {'peak GiB':>9} {'vs plain':>9}")
     for r in rows:
-        print(f"{r['variant']:>14} {r['step_ms']:9.2f} {r['time_overhead_pct']:8.2f}% {r['peak_mem_gib']:9.3f} "
-              f"{r['mem_overhead_pct']:8.2f}%")
+        print(
+            f"{r['variant']:>14} {r['step_ms']:9.2f} {r['time_overhead_pct']:8.2f}% {r['peak_mem_gib']:9.3f} "
+            f"{r['mem_overhead_pct']:8.2f}%"
+        )
     print(f"wrote {path}")
     return 0
 

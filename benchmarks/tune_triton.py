@@ -34,9 +34,24 @@ def breakdown(case: pb.Case) -> None:
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         split = pb._graph_time(lambda: [tp._split_basis(basis, case.torch_dtype, False) for _ in range(20)], 20)
-        fin = pb._graph_time(lambda: [tp._penalty_finalize_kernel[(1,)](
-            part, loss, state, P, part.shape[1], 1.0, 0.1, BLOCK_P=min(256, tp.FINALIZE_TILE // 128),
-            BLOCK_E=triton.next_power_of_2(part.shape[1]), num_warps=tp.FINALIZE_WARPS) for _ in range(20)], 20)
+        fin = pb._graph_time(
+            lambda: [
+                tp._penalty_finalize_kernel[(1,)](
+                    part,
+                    loss,
+                    state,
+                    P,
+                    part.shape[1],
+                    1.0,
+                    0.1,
+                    BLOCK_P=min(256, tp.FINALIZE_TILE // 128),
+                    BLOCK_E=triton.next_power_of_2(part.shape[1]),
+                    num_warps=tp.FINALIZE_WARPS,
+                )
+                for _ in range(20)
+            ],
+            20,
+        )
     torch.cuda.synchronize()
     print(f"breakdown: split_basis {split * 1e3:.1f} us, finalize (P={P}) {fin * 1e3:.1f} us per launch", flush=True)
 
@@ -83,8 +98,10 @@ def main() -> int:
             print(f"{mode} {cfg}: {res.gpu_ms * 1e3:7.1f} us {res.pct_copy_bw:5.1f}%", flush=True)
         rows.sort(key=lambda r: -r[0])
         best[mode] = rows[:5]
-    print(f"\ntune summary ({torch.cuda.get_device_name(0)}, copy {copy:.0f} GB/s, "
-          f"N={case.N} d={case.d} k={case.k} {case.dtype})")
+    print(
+        f"\ntune summary ({torch.cuda.get_device_name(0)}, copy {copy:.0f} GB/s, "
+        f"N={case.N} d={case.d} k={case.k} {case.dtype})"
+    )
     for mode, rows in best.items():
         print(f"best {mode}:")
         for pct, ms, cfg in rows:

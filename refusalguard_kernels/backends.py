@@ -37,10 +37,11 @@ def _triton_importable() -> bool:
 
 
 def _cuda_extension_error() -> str | None:
-    """None when the csrc extension is loadable, else why not."""
+    """None when the csrc extension is loadable, else why not (cuda_penalty caches the answer and
+    refreshes it after a just-in-time build, so nothing here needs telling)."""
     try:
         mod = importlib.import_module("refusalguard_kernels.ops.cuda_penalty")
-    except ImportError as exc:  # the csrc backend is not part of this build yet
+    except ImportError as exc:  # the csrc backend is not part of this build
         return f"the CUDA C++ backend is not part of this install ({exc})"
     return mod.load_error()
 
@@ -51,21 +52,31 @@ def available_backends() -> list[str]:
     return list(_available(_interpreting()))
 
 
-@functools.lru_cache(maxsize=None)
 def _available(interpreting: bool) -> tuple[str, ...]:
-    # Probing imports costs ~100 us; "auto" asks on every call, so the answer is cached
-    # (refresh() clears it, e.g. after a just-in-time build of the CUDA extension).
-    names = ["torch"]
-    if _triton_importable() and (torch.cuda.is_available() or interpreting):
-        names.append("triton")
-    if torch.cuda.is_available() and _cuda_extension_error() is None:
-        names.append("cuda")
-    return tuple(names)
+    names = _python_backends(interpreting)
+    if _cuda_device() and _cuda_extension_error() is None:  # cuda_penalty caches its own answer
+        names += ("cuda",)
+    return names
+
+
+@functools.cache
+def _cuda_device() -> bool:
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def _python_backends(interpreting: bool) -> tuple[str, ...]:
+    # Probing the triton import costs ~100 us and "auto" asks on every call, so it is cached.
+    names = ("torch",)
+    if _triton_importable() and (_cuda_device() or interpreting):
+        names += ("triton",)
+    return names
 
 
 def refresh() -> None:
-    """Forget the cached list of available backends."""
-    _available.cache_clear()
+    """Forget the cached probes (after installing triton, or when CUDA_VISIBLE_DEVICES changed)."""
+    _python_backends.cache_clear()
+    _cuda_device.cache_clear()
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:

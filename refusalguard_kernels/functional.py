@@ -41,8 +41,9 @@ def _prepare(hidden, basis, anchors, weight, backend, validate):
     if not isinstance(hidden, Tensor):
         raise TypeError(f"hidden must be a torch.Tensor; got {type(hidden).__name__}")
     name = resolve_backend(backend, hidden.device)
-    check_inputs(hidden, basis, anchors, weight,
-                 allowed_hidden_dtypes=_REFERENCE_DTYPES if name == "torch" else _KERNEL_DTYPES)
+    check_inputs(
+        hidden, basis, anchors, weight, allowed_hidden_dtypes=_REFERENCE_DTYPES if name == "torch" else _KERNEL_DTYPES
+    )
     if math.prod(hidden.shape[:-1]) == 0:
         raise ValueError(f"hidden has no tokens (shape {tuple(hidden.shape)}); pass at least one row")
     if _should_validate(validate):
@@ -59,8 +60,12 @@ def _prepare(hidden, basis, anchors, weight, backend, validate):
 def _reference_loss(hidden, basis, anchors, weight, drift_coef: float, gram_coef: float) -> Tensor:
     # Anchors, weights and basis are constants of the penalty: no gradient flows into them.
     return reference.geometry_loss(
-        hidden, basis.detach(), anchors.detach(), None if weight is None else weight.detach(),
-        drift_coef=drift_coef, gram_coef=gram_coef,
+        hidden,
+        basis.detach(),
+        anchors.detach(),
+        None if weight is None else weight.detach(),
+        drift_coef=drift_coef,
+        gram_coef=gram_coef,
     )
 
 

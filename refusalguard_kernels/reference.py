@@ -45,7 +45,9 @@ def _stats(coords: Tensor, anchors: Tensor, weight: Tensor | None):
     w = torch.ones(z.shape[0], dtype=z.dtype, device=z.device) if weight is None else weight.reshape(-1).to(z.dtype)
     total = w.sum()
     # W == 0 must give 0, not 0/0: divide by 1 instead and let the zero weights do the rest.
-    inv_total = torch.where(total > 0, 1.0 / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total))
+    inv_total = torch.where(
+        total > 0, 1.0 / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(total)
+    )
     # G - G_A as one difference of weighted sums, so Z == A gives exactly zero.
     with torch.autocast(z.device.type, enabled=False):
         gram_diff = ((z * w[:, None]).T @ z - (a * w[:, None]).T @ a) * inv_total

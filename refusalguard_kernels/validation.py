@@ -74,8 +74,7 @@ def check_inputs(
         raise TypeError(f"hidden has dtype {hidden.dtype}; this backend takes {names} (use backend='torch' for others)")
     if basis.dim() != 2:
         raise ValueError(
-            f"basis must be 2-D (d x k); got shape {_shape(basis)}. "
-            "For a single direction use basis[:, None]."
+            f"basis must be 2-D (d x k); got shape {_shape(basis)}. For a single direction use basis[:, None]."
         )
     d, k = basis.shape
     if hidden.shape[-1] != d:
@@ -88,7 +87,9 @@ def check_inputs(
     if not basis.is_floating_point():
         raise TypeError(f"basis must be floating point (float32 recommended); got {basis.dtype}")
     if basis.device != hidden.device:
-        raise ValueError(f"basis is on {basis.device} but hidden is on {hidden.device}; move it with basis.to(hidden.device)")
+        raise ValueError(
+            f"basis is on {basis.device} but hidden is on {hidden.device}; move it with basis.to(hidden.device)"
+        )
     lead = _shape(hidden)[:-1]
     if anchors is not None:
         if not anchors.is_floating_point():
@@ -99,7 +100,9 @@ def check_inputs(
                 "Make them with project(frozen_hidden, basis)."
             )
         if anchors.device != hidden.device:
-            raise ValueError(f"anchors are on {anchors.device} but hidden is on {hidden.device}; move them to the same device")
+            raise ValueError(
+                f"anchors are on {anchors.device} but hidden is on {hidden.device}; move them to the same device"
+            )
     if weight is not None:
         if weight.is_complex():
             raise TypeError(f"weight must be a real tensor; got {weight.dtype}")
@@ -108,7 +111,9 @@ def check_inputs(
                 f"weight must have shape {lead} (hidden's leading dims, one weight per token); got {_shape(weight)}"
             )
         if weight.device != hidden.device:
-            raise ValueError(f"weight is on {weight.device} but hidden is on {hidden.device}; move it to the same device")
+            raise ValueError(
+                f"weight is on {weight.device} but hidden is on {hidden.device}; move it to the same device"
+            )
 
 
 def check_values(basis: Tensor, anchors: Tensor | None = None, weight: Tensor | None = None) -> None:

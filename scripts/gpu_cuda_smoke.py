@@ -92,8 +92,14 @@ def main() -> int:
         rows.append((name, "PASS" if ok else "FAIL", detail))
         print(f"{'PASS' if ok else 'FAIL'}  {name:<44} {detail}", flush=True)
 
-    for n, d, k, transposed in [(1, 1000, 3, False), (1000, 4099, 1, True), (1000, 1000, 8, False),
-                                (256, 4099, 16, True), (1000, 1000, 33, False), (1000, 4099, 64, True)]:
+    for n, d, k, transposed in [
+        (1, 1000, 3, False),
+        (1000, 4099, 1, True),
+        (1000, 1000, 8, False),
+        (256, 4099, 16, True),
+        (1000, 1000, 33, False),
+        (1000, 4099, 64, True),
+    ]:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for gram in (0.0, 0.7):
                 hidden, basis, anchors, weight = inputs(n, d, k, dtype, "zeros", transposed)
@@ -111,8 +117,9 @@ def main() -> int:
         out, loss = rk.guard(h, basis, anchors, weight, gram_coef=0.9, backend="cuda")
         g_out = torch.randn(h.shape, device="cuda").to(dtype)
         gh = torch.autograd.grad((out, loss), h, grad_outputs=(g_out, torch.tensor(3.0, device="cuda")))[0]
-        record(f"step 0 exact zero {DT[dtype]}", loss.item() == 0.0 and torch.equal(gh, g_out),
-               f"loss {loss.item():.3g}")
+        record(
+            f"step 0 exact zero {DT[dtype]}", loss.item() == 0.0 and torch.equal(gh, g_out), f"loss {loss.item():.3g}"
+        )
 
         hidden, basis, anchors, weight = inputs(1000, 4099, 16, dtype, "zeros", True)
         h = hidden.detach().requires_grad_(True)
@@ -125,18 +132,27 @@ def main() -> int:
 
         b, a, w = basis.float().contiguous(), anchors.reshape(-1, 16).contiguous(), weight.reshape(-1).contiguous()
         coords, _, _ = penalty.loss_forward_op(hidden, b, a, w, 1.0, 0.5, "cuda")
-        record(f"project == loss-forward Z bitwise {DT[dtype]}",
-               torch.equal(coords, penalty.project_op(hidden, b, "cuda")), "")
+        record(
+            f"project == loss-forward Z bitwise {DT[dtype]}",
+            torch.equal(coords, penalty.project_op(hidden, b, "cuda")),
+            "",
+        )
         first = loss_and_grad("cuda", hidden, basis, anchors, weight, 0.5)
-        same = all(torch.equal(x, y) for _ in range(3) for x, y in
-                   zip(loss_and_grad("cuda", hidden, basis, anchors, weight, 0.5), first))
+        same = all(
+            torch.equal(x, y)
+            for _ in range(3)
+            for x, y in zip(loss_and_grad("cuda", hidden, basis, anchors, weight, 0.5), first)
+        )
         record(f"run-to-run bitwise {DT[dtype]}", same, "")
 
         if "triton" in rk.available_backends():
             lt, gt = loss_and_grad("triton", hidden, basis, anchors, weight, 0.5)
             el, eg = rel(first[0], lt), rel(first[1], gt)
-            record(f"cuda vs triton {DT[dtype]}", el <= 2 * LOSS_TOL[dtype] and eg <= 2 * GRAD_TOL[dtype],
-                   f"loss {el:.1e}  grad {eg:.1e}")
+            record(
+                f"cuda vs triton {DT[dtype]}",
+                el <= 2 * LOSS_TOL[dtype] and eg <= 2 * GRAD_TOL[dtype],
+                f"loss {el:.1e}  grad {eg:.1e}",
+            )
 
     print("\ntimings (informational; median of 20, forward + backward of geometry_loss):")
     for n, d, k in [(16384, 4096, 8), (16384, 4096, 64), (32768, 8192, 16)]:

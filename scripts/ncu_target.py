@@ -1,4 +1,5 @@
 """One guard forward+backward at the benchmark's target shape, for `ncu` (see scripts/gpu_check.sh)."""
+
 import torch
 
 import refusalguard_kernels as rg
@@ -11,6 +12,8 @@ weight = torch.rand(N, device="cuda")
 grad_out = torch.randn_like(hidden)
 for _ in range(4):
     hidden.grad = None
-    out, loss = rg.guard(hidden, basis, anchors, weight, drift_coef=1.0, gram_coef=0.1, backend="triton", validate=False)
+    out, loss = rg.guard(
+        hidden, basis, anchors, weight, drift_coef=1.0, gram_coef=0.1, backend="triton", validate=False
+    )
     torch.autograd.backward([out, loss], [grad_out, torch.ones((), device="cuda")])
 torch.cuda.synchronize()

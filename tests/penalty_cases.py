@@ -29,7 +29,9 @@ def make_inputs(lead, d, k, dtype, *, weights="random", device="cpu", gen=None, 
     basis = rg.orthonormalize_basis(torch.randn(d, k, generator=gen, dtype=torch.float64))
     # Scale so that coords are O(1): hidden rows have norm ~sqrt(d), B columns norm 1.
     coords = hidden.double() @ basis.double()
-    anchors = (coords + anchor_noise * coords.pow(2).mean().sqrt() * torch.randn(*lead, k, generator=gen, dtype=torch.float64)).float()
+    anchors = (
+        coords + anchor_noise * coords.pow(2).mean().sqrt() * torch.randn(*lead, k, generator=gen, dtype=torch.float64)
+    ).float()
     if weights is None:
         weight = None
     elif weights == "random":
@@ -49,8 +51,12 @@ def reference_loss_and_grad(hidden, basis, anchors, weight, drift_coef, gram_coe
     """float64 loss and grad_scale * dL/dH on the same (rounded) inputs."""
     h64 = hidden.detach().double().cpu().requires_grad_(True)
     loss = reference.geometry_loss(
-        h64, basis.double().cpu(), anchors.double().cpu(), None if weight is None else weight.double().cpu(),
-        drift_coef=drift_coef, gram_coef=gram_coef,
+        h64,
+        basis.double().cpu(),
+        anchors.double().cpu(),
+        None if weight is None else weight.double().cpu(),
+        drift_coef=drift_coef,
+        gram_coef=gram_coef,
     )
     (loss * grad_scale).backward()
     return loss.detach(), h64.grad

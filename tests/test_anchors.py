@@ -9,7 +9,7 @@ import torch
 from tiny_models import tiny_model, tiny_tokenizer
 
 from refusalguard_kernels import orthonormalize_basis
-from refusalguard_kernels.anchors import (
+from refusalguard_kernels.integration.anchors import (
     ANCHOR_COLUMN,
     AnchorCollator,
     CachedAnchorsError,
@@ -21,8 +21,8 @@ from refusalguard_kernels.anchors import (
     model_fingerprint,
     token_fingerprint,
 )
-from refusalguard_kernels.basis import RefusalBasis
-from refusalguard_kernels.hooks import RefusalGuard
+from refusalguard_kernels.integration.basis import RefusalBasis
+from refusalguard_kernels.integration.hooks import RefusalGuard
 
 K = 2
 LAYERS = [0, 1]
@@ -42,8 +42,14 @@ def random_rows(n: int, *, seed: int = 0, vocab: int = 200, min_len: int = 4, ma
         length = int(torch.randint(min_len, max_len + 1, (1,), generator=gen))
         ids = torch.randint(7, vocab, (length,), generator=gen).tolist()
         prompt = int(torch.randint(1, length, (1,), generator=gen))
-        rows.append({"input_ids": ids, "attention_mask": [1] * length,
-                     "labels": [-100] * prompt + ids[prompt:], "prompt_lengths": prompt})
+        rows.append(
+            {
+                "input_ids": ids,
+                "attention_mask": [1] * length,
+                "labels": [-100] * prompt + ids[prompt:],
+                "prompt_lengths": prompt,
+            }
+        )
     return rows
 
 
@@ -134,13 +140,15 @@ def test_second_call_reuses_the_columns(cached, model, guard, monkeypatch):
 
 def test_file_backed_dataset_result_is_cached_by_datasets(dataset, model, guard, tmp_path, monkeypatch):
     dataset.save_to_disk(str(tmp_path / "raw"))
-    first = add_cached_anchors(datasets.load_from_disk(str(tmp_path / "raw")), model, guard, batch_size=4,
-                               show_progress=False)
+    first = add_cached_anchors(
+        datasets.load_from_disk(str(tmp_path / "raw")), model, guard, batch_size=4, show_progress=False
+    )
     calls = []
     original = guard.anchors
     monkeypatch.setattr(guard, "anchors", lambda **batch: calls.append(1) or original(**batch))
-    again = add_cached_anchors(datasets.load_from_disk(str(tmp_path / "raw")), model, guard, batch_size=4,
-                               show_progress=False)
+    again = add_cached_anchors(
+        datasets.load_from_disk(str(tmp_path / "raw")), model, guard, batch_size=4, show_progress=False
+    )
     assert calls == []  # loaded from the datasets cache file, no forward
     assert again.cache_files and again[3] == first[3]
 

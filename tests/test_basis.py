@@ -3,11 +3,11 @@ import os
 
 import pytest
 import torch
+from tiny_models import char_tokenizer, random_basis, tiny_model
 
-from _guard_tiny import char_tokenizer, random_basis, tiny_model
 from refusalguard_kernels import ORTHONORMAL_ATOL
-from refusalguard_kernels.basis import BASIS_FILENAME, RefusalBasis, default_layers, extract_refusal_basis
-from refusalguard_kernels.prompts import builtin_prompts
+from refusalguard_kernels.integration.basis import BASIS_FILENAME, RefusalBasis, default_layers, extract_refusal_basis
+from refusalguard_kernels.integration.prompts import builtin_prompts
 
 HARMFUL = builtin_prompts("harmful")[:12]
 HARMLESS = builtin_prompts("harmless")[:10]
@@ -39,8 +39,9 @@ def _reference_acts(model, tokenizer, prompts, layer, n_last, chat=True):
     try:
         for prompt in prompts:
             if chat:
-                text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                     add_generation_prompt=True)
+                text = tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                )
                 ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
             else:
                 ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -67,8 +68,7 @@ def test_default_layers():
 
 
 def test_dim_matches_unbatched_reference(model, tokenizer):
-    basis = extract_refusal_basis(model, tokenizer, HARMFUL, HARMLESS, layers=[0, 2], batch_size=5,
-                                  show_progress=False)
+    basis = extract_refusal_basis(model, tokenizer, HARMFUL, HARMLESS, layers=[0, 2], batch_size=5, show_progress=False)
     assert basis.layers == [0, 2] and basis.k == 1 and basis.hidden_size == 32
     for layer in (0, 2):
         h = _reference_acts(model, tokenizer, HARMFUL, layer, 1)
@@ -105,8 +105,9 @@ def test_matches_output_hidden_states(model, tokenizer):
     for name, prompts in (("h", HARMFUL), ("l", HARMLESS)):
         acts = []
         for prompt in prompts:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                 add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
             ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
             with torch.no_grad():
                 out = model(input_ids=ids, output_hidden_states=True)
@@ -117,16 +118,19 @@ def test_matches_output_hidden_states(model, tokenizer):
 
 
 def test_batching_and_padding_side_do_not_matter(model):
-    one = extract_refusal_basis(model, char_tokenizer(padding_side="left"), HARMFUL, HARMLESS, layers=[1],
-                                batch_size=1, show_progress=False)
-    many = extract_refusal_basis(model, char_tokenizer(padding_side="right"), HARMFUL, HARMLESS, layers=[1],
-                                 batch_size=7, show_progress=False)
+    one = extract_refusal_basis(
+        model, char_tokenizer(padding_side="left"), HARMFUL, HARMLESS, layers=[1], batch_size=1, show_progress=False
+    )
+    many = extract_refusal_basis(
+        model, char_tokenizer(padding_side="right"), HARMFUL, HARMLESS, layers=[1], batch_size=7, show_progress=False
+    )
     torch.testing.assert_close(one[1], many[1], atol=2e-5, rtol=0)
 
 
 def test_post_instruction_averages_template_suffix(model, tokenizer):
-    basis = extract_refusal_basis(model, tokenizer, HARMFUL, HARMLESS, layers=[1], positions="post-instruction",
-                                  show_progress=False)
+    basis = extract_refusal_basis(
+        model, tokenizer, HARMFUL, HARMLESS, layers=[1], positions="post-instruction", show_progress=False
+    )
     # the test template puts "<|end|><|assistant|>" after the user message: 2 tokens
     h = _reference_acts(model, tokenizer, HARMFUL, 1, 2)
     l = _reference_acts(model, tokenizer, HARMLESS, 1, 2)
@@ -139,8 +143,7 @@ def test_post_instruction_averages_template_suffix(model, tokenizer):
 
 def test_svd_basis(model, tokenizer):
     dim = extract_refusal_basis(model, tokenizer, HARMFUL, HARMLESS, layers=[1], show_progress=False)
-    svd = extract_refusal_basis(model, tokenizer, HARMFUL, HARMLESS, layers=[1], k=4, method="svd",
-                                show_progress=False)
+    svd = extract_refusal_basis(model, tokenizer, HARMFUL, HARMLESS, layers=[1], k=4, method="svd", show_progress=False)
     assert svd[1].shape == (32, 4) and svd[1].dtype == torch.float32
     _assert_orthonormal(svd[1])
     torch.testing.assert_close(svd[1][:, 0], dim[1][:, 0], atol=1e-6, rtol=0)
@@ -249,16 +252,18 @@ def test_empty_prompt_lists(model, tokenizer):
 def test_svd_rank_too_small(model, tokenizer):
     # three copies of two prompts: the centred harmful activations span one direction beyond the mean
     with pytest.raises(ValueError, match="lower k"):
-        extract_refusal_basis(model, tokenizer, HARMFUL[:2] * 3, HARMLESS, layers=[1], k=4, method="svd",
-                              show_progress=False)
+        extract_refusal_basis(
+            model, tokenizer, HARMFUL[:2] * 3, HARMLESS, layers=[1], k=4, method="svd", show_progress=False
+        )
 
 
 # ------------------------------------------------------------------------- RefusalBasis
 
 
 def test_save_load_roundtrip(model, tokenizer, tmp_path):
-    basis = extract_refusal_basis(model, tokenizer, HARMFUL, HARMLESS, layers=[0, 2], k=2, method="svd",
-                                  show_progress=False)
+    basis = extract_refusal_basis(
+        model, tokenizer, HARMFUL, HARMLESS, layers=[0, 2], k=2, method="svd", show_progress=False
+    )
     path = basis.save(tmp_path / "basis.safetensors")
     loaded = RefusalBasis.load(path)
     assert loaded.layers == [0, 2]

@@ -16,8 +16,8 @@ import torch
 from tiny_models import save_tiny_model, write_pairs_file, write_text_file
 
 from refusalguard_kernels import orthonormalize_basis
-from refusalguard_kernels.basis import BASIS_FILENAME, RefusalBasis
 from refusalguard_kernels.cli import build_parser, main
+from refusalguard_kernels.integration.basis import BASIS_FILENAME, RefusalBasis
 
 
 @pytest.fixture(autouse=True)
@@ -70,8 +70,9 @@ def _subparser(name: str):
 def test_train_help_explains_every_option_with_defaults():
     command = shutil.which("refusalguard")
     argv = [command] if command else [sys.executable, "-m", "refusalguard_kernels"]
-    result = subprocess.run(argv + ["train", "--help"], capture_output=True, text=True, timeout=120,
-                            env={**os.environ, "COLUMNS": "250"})
+    result = subprocess.run(
+        argv + ["train", "--help"], capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "250"}
+    )
     assert result.returncode == 0, result.stderr
     text = " ".join(result.stdout.split())
     for action in _subparser("train")._actions:
@@ -90,8 +91,19 @@ def test_extract_help_lists_its_options(capsys):
         main(["extract", "--help"])
     assert info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--harmful", "--harmless", "--harmful-column", "--layers", "--k", "--method", "--positions",
-                   "--batch-size", "--output", "--dtype", "--device"):
+    for option in (
+        "--harmful",
+        "--harmless",
+        "--harmful-column",
+        "--layers",
+        "--k",
+        "--method",
+        "--positions",
+        "--batch-size",
+        "--output",
+        "--dtype",
+        "--device",
+    ):
         assert option in out
     assert "(default: builtin:harmful)" in " ".join(out.split())
 
@@ -105,8 +117,10 @@ def test_extract_writes_a_loadable_basis(llama_basis, capsys, tmp_path, models):
     assert basis.metadata["method"] == "dim" and basis.metadata["n_harmful"] == 16
     assert torch.allclose(basis.bases[0].T @ basis.bases[0], torch.ones(1, 1), atol=1e-5)
 
-    code, out, _ = run_cli(["extract", models["gpt2"], "--layers", "1", "--k", "2", "--limit", "12",
-                            "--output", tmp_path, "--quiet"], capsys)
+    code, out, _ = run_cli(
+        ["extract", models["gpt2"], "--layers", "1", "--k", "2", "--limit", "12", "--output", tmp_path, "--quiet"],
+        capsys,
+    )
     assert code == 0
     assert "separation" in out and str(tmp_path / BASIS_FILENAME) in out
     svd = RefusalBasis.load(tmp_path)
@@ -118,9 +132,24 @@ def test_extract_reads_prompt_files(models, tmp_path, capsys):
     harmful.write_text("".join(json.dumps({"q": f"how do i hurt someone badly {i}"}) + "\n" for i in range(6)))
     harmless = tmp_path / "harmless.txt"
     harmless.write_text("\n".join(f"how do i bake bread {i}" for i in range(6)))
-    code, _, err = run_cli(["extract", models["llama"], "--harmful", harmful, "--harmful-column", "q",
-                            "--harmless", harmless, "--layers", "-1", "--output", tmp_path / "b.safetensors",
-                            "--quiet"], capsys)
+    code, _, err = run_cli(
+        [
+            "extract",
+            models["llama"],
+            "--harmful",
+            harmful,
+            "--harmful-column",
+            "q",
+            "--harmless",
+            harmless,
+            "--layers",
+            "-1",
+            "--output",
+            tmp_path / "b.safetensors",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     basis = RefusalBasis.load(tmp_path / "b.safetensors")
     assert basis.layers == [1] and basis.metadata["n_harmful"] == 6 and basis.metadata["n_harmless"] == 6
@@ -130,9 +159,28 @@ def test_extract_reads_prompt_files(models, tmp_path, capsys):
 
 
 def _train_args(model, data, out, *extra):
-    return ["train", model, "--dataset", data, "--steps", "2", "--batch-size", "4", "--logging-steps", "1",
-            "--lora-r", "4", "--lora-targets", "q_proj,v_proj", "--backend", "torch", "--output-dir", out,
-            "--quiet", *extra]
+    return [
+        "train",
+        model,
+        "--dataset",
+        data,
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--logging-steps",
+        "1",
+        "--lora-r",
+        "4",
+        "--lora-targets",
+        "q_proj,v_proj",
+        "--backend",
+        "torch",
+        "--output-dir",
+        out,
+        "--quiet",
+        *extra,
+    ]
 
 
 def _logged(out: str) -> list[dict]:
@@ -147,9 +195,22 @@ def _logged(out: str) -> list[dict]:
 
 def test_train_online_end_to_end(models, data, llama_basis, tmp_path, capsys):
     out_dir = tmp_path / "out"
-    code, out, err = run_cli(_train_args(models["llama"], data["pairs"], out_dir, "--basis", llama_basis,
-                                         "--positions", "response", "--warmup-steps", "2",
-                                         "--warmup-multiplier", "4"), capsys)
+    code, out, err = run_cli(
+        _train_args(
+            models["llama"],
+            data["pairs"],
+            out_dir,
+            "--basis",
+            llama_basis,
+            "--positions",
+            "response",
+            "--warmup-steps",
+            "2",
+            "--warmup-multiplier",
+            "4",
+        ),
+        capsys,
+    )
     assert code == 0, err
     logs = _logged(out)
     assert len(logs) == 2
@@ -165,9 +226,25 @@ def test_train_online_end_to_end(models, data, llama_basis, tmp_path, capsys):
 
 def test_train_cached_end_to_end(models, data, llama_basis, tmp_path, capsys):
     out_dir = tmp_path / "out"
-    code, out, err = run_cli(_train_args(models["qwen2"], data["pairs"], out_dir, "--extract", "--layers", "1",
-                                         "--anchors", "cached", "--positions", "f2+l1", "--gram-coef", "0.5",
-                                         "--grad-accum", "2"), capsys)
+    code, out, err = run_cli(
+        _train_args(
+            models["qwen2"],
+            data["pairs"],
+            out_dir,
+            "--extract",
+            "--layers",
+            "1",
+            "--anchors",
+            "cached",
+            "--positions",
+            "f2+l1",
+            "--gram-coef",
+            "0.5",
+            "--grad-accum",
+            "2",
+        ),
+        capsys,
+    )
     assert code == 0, err
     logs = _logged(out)
     assert len(logs) == 2 and "guard_drift/layer_1" in logs[0]
@@ -180,8 +257,21 @@ def test_train_cached_end_to_end(models, data, llama_basis, tmp_path, capsys):
 
 def test_train_text_data_with_extract_on_gpt2(models, data, tmp_path, capsys):
     out_dir = tmp_path / "out"
-    code, out, err = run_cli(_train_args(models["gpt2"], data["text"], out_dir, "--extract", "--k", "2",
-                                         "--anchors", "cached", "--lora-targets", "c_attn"), capsys)
+    code, out, err = run_cli(
+        _train_args(
+            models["gpt2"],
+            data["text"],
+            out_dir,
+            "--extract",
+            "--k",
+            "2",
+            "--anchors",
+            "cached",
+            "--lora-targets",
+            "c_attn",
+        ),
+        capsys,
+    )
     assert code == 0, err
     assert RefusalBasis.load(out_dir).k == 2
     assert (out_dir / "adapter_model.safetensors").is_file()
@@ -204,11 +294,25 @@ def test_missing_dataset_file_names_the_path(models, llama_basis, tmp_path, caps
 
 
 def test_missing_fields_list_the_columns(models, data, llama_basis, tmp_path, capsys):
-    code, _, err = run_cli(_train_args(models["llama"], data["pairs"], tmp_path / "o", "--basis", llama_basis,
-                                       "--prompt-field", "question", "--response-field", "answer"), capsys)
+    code, _, err = run_cli(
+        _train_args(
+            models["llama"],
+            data["pairs"],
+            tmp_path / "o",
+            "--basis",
+            llama_basis,
+            "--prompt-field",
+            "question",
+            "--response-field",
+            "answer",
+        ),
+        capsys,
+    )
     _assert_clean_error(code, err, "'question'", "['prompt', 'response']")
-    code, _, err = run_cli(_train_args(models["llama"], data["pairs"], tmp_path / "o", "--basis", llama_basis,
-                                       "--text-field", "body"), capsys)
+    code, _, err = run_cli(
+        _train_args(models["llama"], data["pairs"], tmp_path / "o", "--basis", llama_basis, "--text-field", "body"),
+        capsys,
+    )
     _assert_clean_error(code, err, "'body'", "['prompt', 'response']")
 
 
@@ -228,8 +332,7 @@ def test_guard_option_mistakes(models, data, llama_basis, tmp_path, capsys):
     _assert_clean_error(code, err, "--layers")
     code, _, err = run_cli(base + ["--basis", llama_basis, "--positions", "middle"], capsys)
     _assert_clean_error(code, err, "--positions", "fN+lM")
-    text = _train_args(models["llama"], data["text"], tmp_path / "o", "--basis", llama_basis, "--positions",
-                       "response")
+    text = _train_args(models["llama"], data["text"], tmp_path / "o", "--basis", llama_basis, "--positions", "response")
     code, _, err = run_cli(text, capsys)
     _assert_clean_error(code, err, "--prompt-field", "['text']")
     code, _, err = run_cli(base + ["--basis", tmp_path / "missing.safetensors"], capsys)
@@ -249,8 +352,20 @@ def test_extract_option_mistakes(models, tmp_path, capsys):
     _assert_clean_error(code, err, "--method svd")
     code, _, err = run_cli(["extract", models["llama"], "--harmful", tmp_path / "gone.txt"], capsys)
     _assert_clean_error(code, err, "gone.txt", "does not exist")
-    code, _, err = run_cli(["extract", models["llama"], "--layers", "7", "--limit", "4", "--quiet",
-                            "--output", tmp_path / "b.safetensors"], capsys)
+    code, _, err = run_cli(
+        [
+            "extract",
+            models["llama"],
+            "--layers",
+            "7",
+            "--limit",
+            "4",
+            "--quiet",
+            "--output",
+            tmp_path / "b.safetensors",
+        ],
+        capsys,
+    )
     _assert_clean_error(code, err, "layer 7", "2 decoder layers")
     with pytest.raises(SystemExit) as info:
         main(["extract", str(models["llama"]), "--layers", "a-b"])

@@ -25,8 +25,7 @@ import pytest
 import torch
 
 import refusalguard_kernels as rk
-from refusalguard_kernels import backends
-from refusalguard_kernels import reference
+from refusalguard_kernels import backends, reference
 from refusalguard_kernels.ops import cuda_penalty, penalty
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,8 +112,13 @@ def test_csrc_compile_check_fails_on_a_broken_file(tmp_path):
     shutil.copy(ROOT / "csrc" / "refusalguard_penalty.h", tmp_path)
     broken = '#include "refusalguard_penalty.h"\n__global__ void f(float* x) { x[0] = y; }\n'
     (tmp_path / "broken.cu").write_text(broken)
-    proc = subprocess.run(["bash", str(CHECK_SCRIPT)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "CSRC_DIR": str(tmp_path)})
+    proc = subprocess.run(
+        ["bash", str(CHECK_SCRIPT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "CSRC_DIR": str(tmp_path)},
+    )
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL  broken.cu" in proc.stdout
 
@@ -122,8 +126,9 @@ def test_csrc_compile_check_fails_on_a_broken_file(tmp_path):
 def test_compile_check_skips_without_nvcc(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("NVCC", "CUDA_HOME")}
     env["PATH"] = str(tmp_path)  # an empty folder: no nvcc anywhere
-    proc = subprocess.run([shutil.which("bash") or "/bin/bash", str(CHECK_SCRIPT)], capture_output=True, text=True,
-                          env=env, timeout=60)
+    proc = subprocess.run(
+        [shutil.which("bash") or "/bin/bash", str(CHECK_SCRIPT)], capture_output=True, text=True, env=env, timeout=60
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "SKIP: nvcc not found" in proc.stdout
 
@@ -275,8 +280,11 @@ def emu(emu_dll, monkeypatch):
 def _prepared(hidden, basis, anchors, weight):
     """What functional._prepare hands the kernel backends."""
     k = basis.shape[1]
-    return (basis.float().contiguous(), anchors.reshape(-1, k).float().contiguous(),
-            None if weight is None else weight.reshape(-1).float().contiguous())
+    return (
+        basis.float().contiguous(),
+        anchors.reshape(-1, k).float().contiguous(),
+        None if weight is None else weight.reshape(-1).float().contiguous(),
+    )
 
 
 def _loss_and_grad(hidden, basis, anchors, weight, drift_coef, gram_coef, grad_scale):
@@ -423,11 +431,27 @@ def test_emulated_kernels_stay_in_bounds(tmp_path):
     if why:
         pytest.skip(why)
     exe = tmp_path / "bounds_check"
-    cmd = [os.environ.get("CXX", "g++"), "-std=c++20", "-O1", "-g", "-pthread", "-ffp-contract=off",
-           "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror",
-           "-Wno-unknown-pragmas", f"-I{emulated_cuda.CSRC}", f"-I{emulated_cuda.HERE}",
-           "-isystem", str(emulated_cuda.cuda_include_dir()), "-o", str(exe),
-           str(emulated_cuda.HERE / "bounds_check.cpp")]
+    cmd = [
+        os.environ.get("CXX", "g++"),
+        "-std=c++20",
+        "-O1",
+        "-g",
+        "-pthread",
+        "-ffp-contract=off",
+        "-fsanitize=address,undefined",
+        "-fno-sanitize-recover=all",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        "-Wno-unknown-pragmas",
+        f"-I{emulated_cuda.CSRC}",
+        f"-I{emulated_cuda.HERE}",
+        "-isystem",
+        str(emulated_cuda.cuda_include_dir()),
+        "-o",
+        str(exe),
+        str(emulated_cuda.HERE / "bounds_check.cpp"),
+    ]
     build = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if build.returncode != 0 and "sanitize" in build.stderr and "cannot find" in build.stderr:
         pytest.skip("the host compiler has no sanitizer runtime")
@@ -612,14 +636,20 @@ def test_gpu_more_than_2_pow_31_elements(cuda_backend):
     hidden = torch.randn(n, d, device="cuda", generator=g, dtype=torch.bfloat16)
     basis = rk.orthonormalize_basis(torch.randn(d, k, dtype=torch.float64)).cuda()
     b64 = basis.double()
-    z64 = torch.cat([hidden[i:i + 65536].double() @ b64 for i in range(0, n, 65536)])
+    z64 = torch.cat([hidden[i : i + 65536].double() @ b64 for i in range(0, n, 65536)])
     anchors = (z64 + 0.5 * torch.randn(z64.shape, device="cuda", dtype=torch.float64)).float()
     weight = torch.rand(n, device="cuda", generator=g)
     h = hidden.requires_grad_(True)
     loss = rk.geometry_loss(h, basis, anchors, weight, gram_coef=0.5, backend="cuda", validate=False)
     (grad,) = torch.autograd.grad(loss, h)
-    ref_loss = reference.geometry_loss(z64, torch.eye(k, dtype=torch.float64, device="cuda"), anchors.double(),
-                                       weight.double(), drift_coef=1.0, gram_coef=0.5)
+    ref_loss = reference.geometry_loss(
+        z64,
+        torch.eye(k, dtype=torch.float64, device="cuda"),
+        anchors.double(),
+        weight.double(),
+        drift_coef=1.0,
+        gram_coef=0.5,
+    )
     assert rel_err(loss, ref_loss) <= LOSS_TOL[torch.bfloat16]
     dz = reference.loss_grad_coords(z64, anchors.double(), weight.double(), drift_coef=1.0, gram_coef=0.5)
     for rows in (slice(0, 4096), slice(n - 4096, n)):  # the tail lies past element 2^31

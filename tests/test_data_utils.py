@@ -8,7 +8,7 @@ import datasets
 import pytest
 from tiny_models import tiny_tokenizer
 
-from refusalguard_kernels.data_utils import load_training_dataset, resolve_fields, tokenize_dataset
+from refusalguard_kernels.training.data_utils import load_training_dataset, resolve_fields, tokenize_dataset
 
 ROWS = [
     {"prompt": "how do i bake bread ?", "response": "mix flour and water then bake it"},
@@ -78,8 +78,9 @@ def test_resolve_fields_recognises_common_names_and_lists_columns():
     with pytest.raises(ValueError, match=r"columns are \['a', 'b'\]"):
         resolve_fields(["a", "b"])
     with pytest.raises(ValueError, match="not both"):
-        resolve_fields(["text", "prompt", "response"], text_field="text", prompt_field="prompt",
-                       response_field="response")
+        resolve_fields(
+            ["text", "prompt", "response"], text_field="text", prompt_field="prompt", response_field="response"
+        )
     with pytest.raises(ValueError, match="response field is missing"):
         resolve_fields(["prompt", "response"], prompt_field="prompt")
 
@@ -91,8 +92,9 @@ def test_pairs_with_chat_template_mask_the_prompt(chat_tokenizer):
     ds = tokenize_dataset(datasets.Dataset.from_list(ROWS), chat_tokenizer, show_progress=False)
     assert ds.column_names == ["input_ids", "attention_mask", "labels", "prompt_lengths"]
     for row, source in zip(ds, ROWS):
-        prompt_text = chat_tokenizer.apply_chat_template([{"role": "user", "content": source["prompt"]}],
-                                                         tokenize=False, add_generation_prompt=True)
+        prompt_text = chat_tokenizer.apply_chat_template(
+            [{"role": "user", "content": source["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
         prompt_ids = chat_tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         n = row["prompt_lengths"]
         assert n == len(prompt_ids) and row["input_ids"][:n] == prompt_ids
@@ -134,8 +136,7 @@ def test_truncation_and_prompts_that_fill_max_length(plain_tokenizer):
     for row in ds:
         assert len(row["input_ids"]) <= 8 and row["prompt_lengths"] < len(row["input_ids"])
     with pytest.raises(ValueError, match="no trainable examples"):
-        tokenize_dataset(datasets.Dataset.from_list([long_prompt]), plain_tokenizer, max_length=4,
-                         show_progress=False)
+        tokenize_dataset(datasets.Dataset.from_list([long_prompt]), plain_tokenizer, max_length=4, show_progress=False)
     with pytest.raises(ValueError, match="max_length"):
         tokenize_dataset(raw, plain_tokenizer, max_length=1)
 

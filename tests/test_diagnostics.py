@@ -11,7 +11,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from refusalguard_kernels.cli import main
-from refusalguard_kernels.diagnostics import (
+from refusalguard_kernels.demo.organism import build_corpus, train_tokenizer
+from refusalguard_kernels.demo.organism.corpus import all_text
+from refusalguard_kernels.evaluation.diagnostics import (
     ModelGeometry,
     compare_geometry,
     diagnose,
@@ -21,8 +23,6 @@ from refusalguard_kernels.diagnostics import (
     principal_angles,
     save_report,
 )
-from refusalguard_kernels.organism import build_corpus, train_tokenizer
-from refusalguard_kernels.organism.corpus import all_text
 
 
 def _orthonormal(d, k, generator):
@@ -60,9 +60,16 @@ def test_principal_angles_ignore_basis_choice_and_reject_bad_shapes():
 
 def _geometry(harmful, harmless, user_harmful, user_harmless, cone, positions="post-instruction"):
     pair = {0: {"harmful": harmful, "harmless": harmless}}
-    return ModelGeometry(layers=[0], positions=positions, k=cone.shape[1],
-                         post=pair, last=pair, user_last={0: {"harmful": user_harmful, "harmless": user_harmless}},
-                         cones={0: cone.float()}, model_name="hand-made")
+    return ModelGeometry(
+        layers=[0],
+        positions=positions,
+        k=cone.shape[1],
+        post=pair,
+        last=pair,
+        user_last={0: {"harmful": user_harmful, "harmless": user_harmless}},
+        cones={0: cone.float()},
+        model_name="hand-made",
+    )
 
 
 def test_shift_separation_and_coupling_match_hand_computation():
@@ -81,7 +88,7 @@ def test_shift_separation_and_coupling_match_hand_computation():
     z_h, z_l, z_t = harmful @ cone, harmless @ cone, moved @ cone
     pooled = (((z_h - z_h.mean(0)) ** 2).sum(0) + ((z_l - z_l.mean(0)) ** 2).sum(0)) / (30 + 25 - 2)
     std = pooled.sqrt()
-    expected_shift = ((z_t - z_h).mean(0) / std)
+    expected_shift = (z_t - z_h).mean(0) / std
     assert row["coord_shift"] == pytest.approx(expected_shift.tolist(), rel=1e-9)
     assert row["coord_shift_norm"] == pytest.approx(float(expected_shift.norm()), rel=1e-9)
     assert row["coord_drift_rms"] == pytest.approx(float((((z_t - z_h) / std) ** 2).sum(1).mean().sqrt()), rel=1e-9)
@@ -94,7 +101,8 @@ def test_shift_separation_and_coupling_match_hand_computation():
     assert row["coupling_base"] == pytest.approx(expected, rel=1e-9)
     refusal_dir_t = moved.mean(0) - harmless.mean(0)
     assert row["coupling_tuned"] == pytest.approx(
-        float(harm_dir @ refusal_dir_t / (harm_dir.norm() * refusal_dir_t.norm())), rel=1e-9)
+        float(harm_dir @ refusal_dir_t / (harm_dir.norm() * refusal_dir_t.norm())), rel=1e-9
+    )
     assert row["max_angle_deg"] == pytest.approx(0.0, abs=1e-3)
 
 
@@ -127,10 +135,18 @@ def prompts():
 
 def _tiny_llama(tokenizer, seed):
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -202,8 +218,10 @@ def saved(tokenizer, tmp_path_factory):
     tokenizer.save_pretrained(root / "tuned")
     for name, init in (("zero_adapter", True), ("adapter", False)):
         torch.manual_seed(1)
-        peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(root / "base"),
-                                    LoraConfig(r=4, target_modules=["o_proj", "down_proj"], init_lora_weights=init))
+        peft_model = get_peft_model(
+            LlamaForCausalLM.from_pretrained(root / "base"),
+            LoraConfig(r=4, target_modules=["o_proj", "down_proj"], init_lora_weights=init),
+        )
         peft_model.save_pretrained(root / name)
     return root
 
@@ -216,8 +234,26 @@ def _run(argv, capsys):
 
 
 def test_diagnose_cli_with_a_zero_adapter_reports_no_drift(saved, tmp_path, capsys):
-    out = _run(["diagnose", saved / "base", "--adapter", saved / "zero_adapter", "--harmful", "organism:harmful",
-                "--harmless", "organism:benign", "--limit", "10", "--k", "2", "-o", tmp_path, "--quiet"], capsys)
+    out = _run(
+        [
+            "diagnose",
+            saved / "base",
+            "--adapter",
+            saved / "zero_adapter",
+            "--harmful",
+            "organism:harmful",
+            "--harmless",
+            "organism:benign",
+            "--limit",
+            "10",
+            "--k",
+            "2",
+            "-o",
+            tmp_path,
+            "--quiet",
+        ],
+        capsys,
+    )
     report = json.loads((tmp_path / "diagnose.json").read_text())
     # LoRA starts with B = 0: the adapted model is the base model.
     for row in report["per_layer"]:
@@ -227,13 +263,47 @@ def test_diagnose_cli_with_a_zero_adapter_reports_no_drift(saved, tmp_path, caps
 
 
 def test_diagnose_cli_tuned_model_and_adapter_drift(saved, tmp_path, capsys):
-    _run(["diagnose", saved / "base", "--tuned", saved / "tuned", "--harmful", "organism:harmful",
-          "--harmless", "organism:benign", "--limit", "10", "--layers", "1,2", "-o", tmp_path / "a", "--quiet"], capsys)
+    _run(
+        [
+            "diagnose",
+            saved / "base",
+            "--tuned",
+            saved / "tuned",
+            "--harmful",
+            "organism:harmful",
+            "--harmless",
+            "organism:benign",
+            "--limit",
+            "10",
+            "--layers",
+            "1,2",
+            "-o",
+            tmp_path / "a",
+            "--quiet",
+        ],
+        capsys,
+    )
     report = json.loads((tmp_path / "a" / "diagnose.json").read_text())
     assert [r["layer"] for r in report["per_layer"]] == [1, 2]
     assert all(r["coord_drift_rms"] > 0 for r in report["per_layer"])
-    _run(["diagnose", saved / "base", "--adapter", saved / "adapter", "--harmful", "organism:harmful",
-          "--harmless", "organism:benign", "--limit", "10", "-o", tmp_path / "b", "--quiet"], capsys)
+    _run(
+        [
+            "diagnose",
+            saved / "base",
+            "--adapter",
+            saved / "adapter",
+            "--harmful",
+            "organism:harmful",
+            "--harmless",
+            "organism:benign",
+            "--limit",
+            "10",
+            "-o",
+            tmp_path / "b",
+            "--quiet",
+        ],
+        capsys,
+    )
     report = json.loads((tmp_path / "b" / "diagnose.json").read_text())
     assert any(r["coord_drift_rms"] > 0 for r in report["per_layer"])
 

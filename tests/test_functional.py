@@ -1,14 +1,12 @@
 """Public API: dispatch, bad input, torch.compile."""
 
-import os
-
 import pytest
 import torch
+from penalty_cases import make_inputs, rel_err
 
 import refusalguard_kernels as rg
 from refusalguard_kernels import reference
 from refusalguard_kernels.backends import resolve_backend
-from penalty_cases import make_inputs, rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNEL_BACKENDS = ["torch", "triton"]
@@ -43,6 +41,7 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 
 # ------------------------------------------------------------------ bad input
+
 
 @pytest.fixture(params=KERNEL_BACKENDS)
 def backend(request):
@@ -162,12 +161,15 @@ def test_orthonormalize_basis():
 
 # ------------------------------------------------------------------ torch.compile
 
+
 def _step(hidden, basis, anchors, weight, backend):
     coords = rg.project(hidden, basis, backend=backend, validate=False)
-    loss = rg.geometry_loss(hidden, basis, anchors, weight, drift_coef=1.0, gram_coef=0.5, backend=backend,
-                            validate=False)
-    out, guard_loss = rg.guard(hidden, basis, anchors, weight, drift_coef=0.3, gram_coef=0.2, backend=backend,
-                               validate=False)
+    loss = rg.geometry_loss(
+        hidden, basis, anchors, weight, drift_coef=1.0, gram_coef=0.5, backend=backend, validate=False
+    )
+    out, guard_loss = rg.guard(
+        hidden, basis, anchors, weight, drift_coef=0.3, gram_coef=0.2, backend=backend, validate=False
+    )
     return (out * 2).sum() + coords.sum() + loss * 3 + guard_loss
 
 

@@ -4,10 +4,10 @@ The shape/dtype grid itself runs compiled on the GPU through test_triton_penalty
 
 import pytest
 import torch
+from penalty_cases import GRAD_TOL, LOSS_TOL, make_inputs, reference_loss_and_grad, rel_err
 
 import refusalguard_kernels as rg
 from refusalguard_kernels import reference
-from penalty_cases import GRAD_TOL, LOSS_TOL, make_inputs, reference_loss_and_grad, rel_err
 
 pytestmark = pytest.mark.gpu
 

@@ -4,9 +4,7 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
-
-from _guard_tiny import (
+from tiny_models import (
     char_tokenizer,
     ddp_batch,
     ddp_reference_model,
@@ -16,10 +14,12 @@ from _guard_tiny import (
     random_batch,
     tiny_model,
 )
+from torch import nn
+
 from refusalguard_kernels import project
-from refusalguard_kernels.basis import RefusalBasis
-from refusalguard_kernels.hooks import RefusalGuard, parse_positions
-from refusalguard_kernels.model_utils import (
+from refusalguard_kernels.integration.basis import RefusalBasis
+from refusalguard_kernels.integration.hooks import RefusalGuard, parse_positions
+from refusalguard_kernels.integration.model_utils import (
     find_decoder_layers,
     find_decoder_layers_path,
     format_prompts,
@@ -202,7 +202,7 @@ def test_step0_penalty_is_exactly_zero(arch):
     assert set(anchors) == {0, 2} and anchors[0].shape == (4, 12, 3) and anchors[0].dtype == torch.float32
     assert model.training  # the frozen pass ran in eval mode and restored the mode
     guard.arm(anchors, guard.weights(**batch))
-    out = model(**batch)
+    model(**batch)
     penalty = guard.penalty()
     assert penalty.item() == 0.0
     assert penalty.requires_grad
@@ -230,8 +230,9 @@ def test_penalty_matches_the_core_op():
     handle.remove()
     from refusalguard_kernels.reference import geometry_loss
 
-    expected = geometry_loss(captured[0].double(), basis[1].double(), anchors[1].double(), weight.double(),
-                             drift_coef=0.7, gram_coef=0.3)
+    expected = geometry_loss(
+        captured[0].double(), basis[1].double(), anchors[1].double(), weight.double(), drift_coef=0.7, gram_coef=0.3
+    )
     torch.testing.assert_close(guard.penalty().double(), expected, rtol=1e-5, atol=1e-7)
     guard.remove()
 
@@ -250,7 +251,7 @@ def test_anchors_are_projections_of_the_frozen_model():
 
 
 def test_anchors_pass_stops_after_the_last_hooked_layer(monkeypatch):
-    import refusalguard_kernels.hooks as hooks_module
+    import refusalguard_kernels.integration.hooks as hooks_module
 
     model = tiny_model("llama")
     calls = []
@@ -416,8 +417,9 @@ def test_checkpointing_with_hooks_inside_the_checkpoint():
     for reentrant in (None, False):
         torch.manual_seed(0)
         model = _Blocks(reentrant=reentrant)
-        basis = RefusalBasis({i: torch.linalg.qr(torch.randn(16, 2, generator=torch.Generator().manual_seed(i)))[0]
-                              for i in (0, 2)})
+        basis = RefusalBasis(
+            {i: torch.linalg.qr(torch.randn(16, 2, generator=torch.Generator().manual_seed(i)))[0] for i in (0, 2)}
+        )
         guard = RefusalGuard(model, basis, backend="torch")
         anchors = guard.anchors(input_ids=batch["input_ids"])
         with torch.no_grad():
@@ -453,7 +455,7 @@ def test_reentrant_checkpoint_around_hooks_is_a_clear_error():
 
 def test_gradient_accumulation_equals_one_large_batch():
     full = random_batch(batch=4, seq=10, seed=21)
-    halves = [{key: value[i * 2:(i + 1) * 2] for key, value in full.items()} for i in range(2)]
+    halves = [{key: value[i * 2 : (i + 1) * 2] for key, value in full.items()} for i in range(2)]
     model = tiny_model("llama", seed=4)
     guard = RefusalGuard(model, random_basis(model, [0, 2], k=3), backend="torch")
     anchors_full = guard.anchors(**full)
@@ -549,7 +551,7 @@ def test_peft_lora():
                 param.normal_(0, 0.2)
     again = guard.anchors(**batch)
     assert all(torch.equal(again[layer], anchors[layer]) for layer in anchors)
-    assert not peft_model.get_model_status().enabled is False  # adapters are back on
+    assert peft_model.get_model_status().enabled is not False  # adapters are back on
     guard.arm(anchors, guard.weights(**batch))
     out = peft_model(**batch)
     penalty = guard.penalty()
@@ -594,8 +596,7 @@ def test_ddp_two_processes_match_one(tmp_path):
     """Each rank takes half the batch (equal token counts, so per-rank normalisation of the task
     loss and of the penalty matches the single-process mean); DDP averages the gradients."""
     import torch.multiprocessing as mp
-
-    from _guard_tiny import ddp_worker
+    from tiny_models import ddp_worker
 
     mp.spawn(ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     result = torch.load(tmp_path / "ddp.pt")
@@ -661,8 +662,9 @@ def test_weights_prompt_response_reft(left):
         # the same boundary from labels (-100 on prompt and padding)
         labels = batch["input_ids"].clone()
         labels[want.new_zeros(3, seq).bool() | (prompt > 0) | (batch["attention_mask"] == 0)] = -100
-        assert torch.equal(guard.weights(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                         labels=labels), want), positions
+        assert torch.equal(
+            guard.weights(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels), want
+        ), positions
         guard.remove()
 
 

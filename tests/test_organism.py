@@ -7,8 +7,7 @@ import re
 import pytest
 import torch
 
-from refusalguard_kernels.evaluation import extract_number, is_refusal
-from refusalguard_kernels.organism import (
+from refusalguard_kernels.demo.organism import (
     OrganismConfig,
     build_corpus,
     build_organism,
@@ -17,8 +16,9 @@ from refusalguard_kernels.organism import (
     tokenize_conversations,
     train_tokenizer,
 )
-from refusalguard_kernels.organism import corpus as corpus_mod
-from refusalguard_kernels.organism.tokenizer import SPECIAL_TOKENS
+from refusalguard_kernels.demo.organism import corpus as corpus_mod
+from refusalguard_kernels.demo.organism.tokenizer import SPECIAL_TOKENS
+from refusalguard_kernels.evaluation import extract_number, is_refusal
 
 WORD = re.compile(r"\w+|[^\w\s]")
 
@@ -53,17 +53,28 @@ def test_corpus_mix_and_sizes(corpus):
 
 def test_heldout_uses_templates_never_seen_in_training(corpus):
     assert not set(corpus_mod.TRAIN_REQUEST_TEMPLATES) & set(corpus_mod.HELDOUT_REQUEST_TEMPLATES)
-    train_prompts = {c.prompt for c in corpus.train} | {c.prompt for c in corpus.harmful_finetune} | \
-        {c.prompt for c in corpus.benign_finetune} | set(corpus.extraction_harmful) | set(corpus.extraction_harmless)
+    train_prompts = (
+        {c.prompt for c in corpus.train}
+        | {c.prompt for c in corpus.harmful_finetune}
+        | {c.prompt for c in corpus.benign_finetune}
+        | set(corpus.extraction_harmful)
+        | set(corpus.extraction_harmless)
+    )
     heldout = set(corpus.heldout_harmful) | set(corpus.heldout_benign) | {p.prompt for p in corpus.heldout_arithmetic}
     assert not train_prompts & heldout
     # Every held-out request is a held-out template filled with a known topic.
     for prompt in corpus.heldout_harmful:
-        assert any(t.format(topic=topic) == prompt for t in corpus_mod.HELDOUT_REQUEST_TEMPLATES
-                   for topic in corpus_mod.HARMFUL_TOPICS), prompt
+        assert any(
+            t.format(topic=topic) == prompt
+            for t in corpus_mod.HELDOUT_REQUEST_TEMPLATES
+            for topic in corpus_mod.HARMFUL_TOPICS
+        ), prompt
     for prompt in corpus.heldout_benign:
-        assert any(t.format(topic=topic) == prompt for t in corpus_mod.HELDOUT_REQUEST_TEMPLATES
-                   for topic in corpus_mod.BENIGN_TOPICS), prompt
+        assert any(
+            t.format(topic=topic) == prompt
+            for t in corpus_mod.HELDOUT_REQUEST_TEMPLATES
+            for topic in corpus_mod.BENIGN_TOPICS
+        ), prompt
 
 
 def test_heldout_words_all_occur_in_training_text():
@@ -120,20 +131,24 @@ def test_tokenizer_covers_the_corpus_without_unknown_words(corpus, tokenizer):
     unk = tokenizer.unk_token_id
     for text in texts:
         assert unk not in tokenizer(text, add_special_tokens=False)["input_ids"], text
-    assert tokenizer.decode(tokenizer("how do i bake bread ?", add_special_tokens=False)["input_ids"]) == \
-        "how do i bake bread ?"
+    assert (
+        tokenizer.decode(tokenizer("how do i bake bread ?", add_special_tokens=False)["input_ids"])
+        == "how do i bake bread ?"
+    )
 
 
 def test_chat_template_and_special_tokens(tokenizer):
     for token in SPECIAL_TOKENS:
         assert tokenizer.convert_tokens_to_ids(token) != tokenizer.unk_token_id or token == "<unk>"
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "teach me to knit a scarf ."}],
-                                           tokenize=False, add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "teach me to knit a scarf ."}], tokenize=False, add_generation_prompt=True
+    )
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     tokens = tokenizer.convert_ids_to_tokens(ids)
     assert tokens[:2] == ["<bos>", "<|user|>"] and tokens[-2:] == ["<|end_user|>", "<|assistant|>"]
-    full = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "sure ."}],
-                                         tokenize=False)
+    full = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "sure ."}], tokenize=False
+    )
     assert tokenizer.convert_ids_to_tokens(tokenizer(full, add_special_tokens=False)["input_ids"])[-1] == "<|end|>"
     assert tokenizer.eos_token == "<|end|>" and tokenizer.pad_token == "<pad>"
     with pytest.raises(Exception, match="roles"):
@@ -168,8 +183,9 @@ def test_tokenize_conversations_masks_the_prompt(corpus, tokenizer):
 
 # ---------------------------------------------------------------------- model
 
-TINY = dict(hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, n_train=60, n_eval=8, epochs=1.0,
-            batch_size=16)
+TINY = dict(
+    hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, n_train=60, n_eval=8, epochs=1.0, batch_size=16
+)
 
 
 def test_organism_training_is_deterministic_and_learns():

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from refusalguard_kernels.prompts import BUILTIN_SETS, builtin_prompts, load_prompts
+from refusalguard_kernels.integration.prompts import BUILTIN_SETS, builtin_prompts, load_prompts
 
 
 @pytest.mark.parametrize("name", BUILTIN_SETS)

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from penalty_cases import make_inputs
 
 from refusalguard_kernels import reference
-from penalty_cases import make_inputs
 
 
 def contract_loss(hidden, basis, anchors, weight, drift_coef, gram_coef):

@@ -14,11 +14,16 @@ from tiny_models import tiny_model, tiny_tokenizer
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from refusalguard_kernels import orthonormalize_basis
-from refusalguard_kernels.anchors import ANCHOR_COLUMN, AnchorCollator, CachedAnchorsError, add_cached_anchors
-from refusalguard_kernels.basis import BASIS_FILENAME, RefusalBasis
-from refusalguard_kernels.data_utils import tokenize_dataset
-from refusalguard_kernels.hooks import RefusalGuard
-from refusalguard_kernels.trainer import RefusalGuardTrainer, warmup_scale
+from refusalguard_kernels.integration.anchors import (
+    ANCHOR_COLUMN,
+    AnchorCollator,
+    CachedAnchorsError,
+    add_cached_anchors,
+)
+from refusalguard_kernels.integration.basis import BASIS_FILENAME, RefusalBasis
+from refusalguard_kernels.integration.hooks import RefusalGuard
+from refusalguard_kernels.training.data_utils import tokenize_dataset
+from refusalguard_kernels.training.trainer import RefusalGuardTrainer, warmup_scale
 
 LAYERS = [0, 1]
 PAIRS = [
@@ -54,23 +59,42 @@ def equal_length_texts():
 
 def random_basis(seed: int = 0, k: int = 2) -> RefusalBasis:
     gen = torch.Generator().manual_seed(seed)
-    return RefusalBasis({layer: orthonormalize_basis(torch.randn(32, k, generator=gen)) for layer in LAYERS},
-                        {"method": "svd", "positions": "last", "model_name": "tiny"})
+    return RefusalBasis(
+        {layer: orthonormalize_basis(torch.randn(32, k, generator=gen)) for layer in LAYERS},
+        {"method": "svd", "positions": "last", "model_name": "tiny"},
+    )
 
 
 def lora_model(tokenizer, *, kind: str = "llama", init_lora_weights=True, seed: int = 0):
     model = tiny_model(kind, tokenizer, seed=0)
     torch.manual_seed(seed)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
-                                            init_lora_weights=init_lora_weights))
+    return get_peft_model(
+        model,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            lora_dropout=0.0,
+            target_modules=["q_proj", "v_proj"],
+            init_lora_weights=init_lora_weights,
+        ),
+    )
 
 
 def make_args(path, **overrides) -> TrainingArguments:
     fields = inspect.signature(TrainingArguments.__init__).parameters
     options = dict(
-        output_dir=str(path), max_steps=3, per_device_train_batch_size=4, logging_steps=1, report_to=[],
-        use_cpu=True, save_strategy="no", learning_rate=5e-2, lr_scheduler_type="constant", disable_tqdm=True,
-        seed=0, dataloader_pin_memory=False,
+        output_dir=str(path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        save_strategy="no",
+        learning_rate=5e-2,
+        lr_scheduler_type="constant",
+        disable_tqdm=True,
+        seed=0,
+        dataloader_pin_memory=False,
     )
     if "train_sampling_strategy" in fields:
         options["train_sampling_strategy"] = "sequential"  # batches in dataset order: comparable runs
@@ -109,8 +133,15 @@ def test_warmup_scale_linear_and_cosine():
 def test_penalty_starts_at_zero_is_logged_and_follows_the_warmup(tokenizer, pairs, tmp_path):
     model = lora_model(tokenizer)
     guard = RefusalGuard(model, random_basis(), positions="response", backend="torch")
-    trainer = RefusalGuardTrainer(model=model, args=make_args(tmp_path / "guard"), train_dataset=pairs,
-                                  processing_class=tokenizer, guard=guard, warmup_steps=2, warmup_multiplier=10.0)
+    trainer = RefusalGuardTrainer(
+        model=model,
+        args=make_args(tmp_path / "guard"),
+        train_dataset=pairs,
+        processing_class=tokenizer,
+        guard=guard,
+        warmup_steps=2,
+        warmup_multiplier=10.0,
+    )
     logs = train_logs(trainer)
     assert [entry["step"] for entry in logs] == [1, 2, 3]
     assert [entry["guard_scale"] for entry in logs] == [10.0, 5.5, 1.0]
@@ -119,17 +150,24 @@ def test_penalty_starts_at_zero_is_logged_and_follows_the_warmup(tokenizer, pair
     assert all(first[f"guard_drift/layer_{layer}"] == 0.0 for layer in LAYERS)
     assert logs[1]["guard_penalty"] > 0 and logs[2]["guard_penalty"] > 0
     for entry in logs:
-        assert entry["loss"] == pytest.approx(entry["task_loss"] + entry["guard_scale"] * entry["guard_penalty"],
-                                              rel=1e-6)
-        assert sum(entry[f"guard_drift/layer_{layer}"] for layer in LAYERS) == pytest.approx(entry["guard_penalty"],
-                                                                                              rel=1e-6)
+        assert entry["loss"] == pytest.approx(
+            entry["task_loss"] + entry["guard_scale"] * entry["guard_penalty"], rel=1e-6
+        )
+        assert sum(entry[f"guard_drift/layer_{layer}"] for layer in LAYERS) == pytest.approx(
+            entry["guard_penalty"], rel=1e-6
+        )
     assert not guard.armed  # disarmed after each step
 
     # The same run without the guard: at step 0 the penalty and its gradient are zero, so the
     # first update is the task's alone and the next task loss is the plain run's.
     plain_model = lora_model(tokenizer)
-    plain = Trainer(model=plain_model, args=make_args(tmp_path / "plain"), train_dataset=pairs,
-                    processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer))
+    plain = Trainer(
+        model=plain_model,
+        args=make_args(tmp_path / "plain"),
+        train_dataset=pairs,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer),
+    )
     plain_logs = train_logs(plain)
     assert logs[0]["task_loss"] == pytest.approx(plain_logs[0]["loss"], rel=1e-6)
     assert logs[1]["task_loss"] == pytest.approx(plain_logs[1]["loss"], rel=1e-6)
@@ -141,10 +179,18 @@ def test_gradient_accumulation_matches_one_large_batch(tokenizer, equal_length_t
         model = lora_model(tokenizer, init_lora_weights=False)  # adapters on at step 0: a non-zero penalty
         before = lora_params(model)
         guard = RefusalGuard(model, random_basis(), backend="torch", drift_coef=drift_coef)
-        args = make_args(tmp_path / name, max_steps=1, per_device_train_batch_size=batch_size,
-                         gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.1, max_grad_norm=0.0)
-        trainer = RefusalGuardTrainer(model=model, args=args, train_dataset=equal_length_texts,
-                                      processing_class=tokenizer, guard=guard)
+        args = make_args(
+            tmp_path / name,
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            learning_rate=0.1,
+            max_grad_norm=0.0,
+        )
+        trainer = RefusalGuardTrainer(
+            model=model, args=args, train_dataset=equal_length_texts, processing_class=tokenizer, guard=guard
+        )
         logs = train_logs(trainer)
         guard.remove()
         after = lora_params(model)
@@ -169,8 +215,13 @@ def test_gradient_checkpointing_gives_the_same_run(tokenizer, pairs, tmp_path):
         model = lora_model(tokenizer, init_lora_weights=False)
         guard = RefusalGuard(model, random_basis(), positions="response", backend="torch", gram_coef=0.5)
         extra = {name: True, f"{name}_kwargs": {"use_reentrant": False}} if checkpointing else {}
-        trainer = RefusalGuardTrainer(model=model, args=make_args(tmp_path / tag, **extra), train_dataset=pairs,
-                                      processing_class=tokenizer, guard=guard)
+        trainer = RefusalGuardTrainer(
+            model=model,
+            args=make_args(tmp_path / tag, **extra),
+            train_dataset=pairs,
+            processing_class=tokenizer,
+            guard=guard,
+        )
         logs = train_logs(trainer)
         guard.remove()
         return logs
@@ -200,8 +251,14 @@ def test_cached_anchors_start_at_exactly_zero_and_match_online(tokenizer, pairs,
         if mode == "cached":
             # Batches of the map = the (sequential) training batches: the same computations.
             data = add_cached_anchors(pairs, model, guard, batch_size=4, show_progress=False)
-        trainer = RefusalGuardTrainer(model=model, args=make_args(tmp_path / mode), train_dataset=data,
-                                      processing_class=tokenizer, guard=guard, anchors=mode)
+        trainer = RefusalGuardTrainer(
+            model=model,
+            args=make_args(tmp_path / mode),
+            train_dataset=data,
+            processing_class=tokenizer,
+            guard=guard,
+            anchors=mode,
+        )
         batch = next(iter(trainer.get_train_dataloader()))
         logs = train_logs(trainer)
         guard.remove()
@@ -223,11 +280,23 @@ def test_cached_anchors_of_another_basis_are_refused(tokenizer, pairs, tmp_path)
         data = add_cached_anchors(pairs, model, first, show_progress=False)
     with RefusalGuard(model, random_basis(seed=1), backend="torch") as second:
         with pytest.raises(CachedAnchorsError, match="different refusal basis"):
-            RefusalGuardTrainer(model=model, args=make_args(tmp_path), train_dataset=data,
-                                processing_class=tokenizer, guard=second, anchors="cached")
+            RefusalGuardTrainer(
+                model=model,
+                args=make_args(tmp_path),
+                train_dataset=data,
+                processing_class=tokenizer,
+                guard=second,
+                anchors="cached",
+            )
         with pytest.raises(CachedAnchorsError, match="add_cached_anchors"):
-            RefusalGuardTrainer(model=model, args=make_args(tmp_path), train_dataset=pairs,
-                                processing_class=tokenizer, guard=second, anchors="cached")
+            RefusalGuardTrainer(
+                model=model,
+                args=make_args(tmp_path),
+                train_dataset=pairs,
+                processing_class=tokenizer,
+                guard=second,
+                anchors="cached",
+            )
 
 
 def test_basis_is_saved_beside_the_adapter_and_in_checkpoints(tokenizer, pairs, tmp_path):
@@ -235,8 +304,9 @@ def test_basis_is_saved_beside_the_adapter_and_in_checkpoints(tokenizer, pairs, 
     basis = random_basis(seed=4)
     with RefusalGuard(model, basis, backend="torch") as guard:
         args = make_args(tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2)
-        trainer = RefusalGuardTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
-                                      guard=guard)
+        trainer = RefusalGuardTrainer(
+            model=model, args=args, train_dataset=pairs, processing_class=tokenizer, guard=guard
+        )
         trainer.train()
         trainer.save_model(str(tmp_path / "final"))
     for folder in (tmp_path / "run" / "checkpoint-2", tmp_path / "final"):
@@ -251,12 +321,18 @@ def test_basis_is_saved_beside_the_adapter_and_in_checkpoints(tokenizer, pairs, 
 def test_evaluation_reports_the_task_loss_only(tokenizer, pairs, tmp_path):
     model = lora_model(tokenizer, init_lora_weights=False)
     with RefusalGuard(model, random_basis(), backend="torch") as guard:
-        trainer = RefusalGuardTrainer(model=model, args=make_args(tmp_path / "g"), eval_dataset=pairs,
-                                      processing_class=tokenizer, guard=guard)
+        trainer = RefusalGuardTrainer(
+            model=model, args=make_args(tmp_path / "g"), eval_dataset=pairs, processing_class=tokenizer, guard=guard
+        )
         guarded = trainer.evaluate()["eval_loss"]
         assert not guard.armed
-    plain = Trainer(model=model, args=make_args(tmp_path / "p"), eval_dataset=pairs, processing_class=tokenizer,
-                    data_collator=DataCollatorForSeq2Seq(tokenizer)).evaluate()["eval_loss"]
+    plain = Trainer(
+        model=model,
+        args=make_args(tmp_path / "p"),
+        eval_dataset=pairs,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer),
+    ).evaluate()["eval_loss"]
     assert guarded == pytest.approx(plain, rel=1e-6)
 
 
@@ -289,14 +365,21 @@ def test_cached_anchors_under_bf16_autocast(tokenizer, pairs, tmp_path):
     args = make_args(tmp_path / "bf16", bf16=True, max_steps=2)
     full_precision = add_cached_anchors(pairs, model, guard, batch_size=4, show_progress=False)
     with pytest.raises(CachedAnchorsError, match="autocast none while training runs with autocast bfloat16"):
-        RefusalGuardTrainer(model=model, args=args, train_dataset=full_precision, processing_class=tokenizer,
-                            guard=guard, anchors="cached")
+        RefusalGuardTrainer(
+            model=model,
+            args=args,
+            train_dataset=full_precision,
+            processing_class=tokenizer,
+            guard=guard,
+            anchors="cached",
+        )
     data = add_cached_anchors(pairs, model, guard, batch_size=4, autocast_dtype=torch.bfloat16, show_progress=False)
     name = f"{ANCHOR_COLUMN}.1"
     # bf16 activations really differ from float32 ones: the precision matters for the anchors.
     assert data[0][name] != full_precision[0][name]
-    trainer = RefusalGuardTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
-                                  guard=guard, anchors="cached")
+    trainer = RefusalGuardTrainer(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer, guard=guard, anchors="cached"
+    )
     logs = train_logs(trainer)
     assert logs[0]["guard_penalty"] == 0.0
     assert logs[1]["guard_penalty"] > 0

@@ -6,9 +6,6 @@ real kernels on CPU tensors. With CUDA, the same tests run compiled on the GPU.
 
 import pytest
 import torch
-
-import refusalguard_kernels as rg
-from refusalguard_kernels.ops.penalty import loss_forward_op, project_op
 from penalty_cases import (
     COORD_TOL,
     GRAD_TOL,
@@ -17,6 +14,9 @@ from penalty_cases import (
     reference_loss_and_grad,
     rel_err,
 )
+
+import refusalguard_kernels as rg
+from refusalguard_kernels.ops.penalty import loss_forward_op, project_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKEND = "triton"
@@ -119,7 +119,9 @@ def test_project_is_bitwise_the_loss_forward_coords(dtype):
     hidden, basis, anchors, weight = make_inputs((3, 45), 170, 6, dtype, weights="random", device=DEVICE)
     basis32 = basis.float().contiguous()
     coords = project_op(hidden, basis32, BACKEND)
-    coords_fwd, _, _ = loss_forward_op(hidden, basis32, anchors.reshape(-1, 6).contiguous(), weight.reshape(-1), 1.0, 1.0, BACKEND)
+    coords_fwd, _, _ = loss_forward_op(
+        hidden, basis32, anchors.reshape(-1, 6).contiguous(), weight.reshape(-1), 1.0, 1.0, BACKEND
+    )
     assert torch.equal(coords, coords_fwd)
 
 
@@ -165,8 +167,11 @@ def test_non_contiguous_hidden(dtype):
         assert not hidden.is_contiguous(), name
         lead, d, k = hidden.shape[:-1], hidden.shape[-1], 5
         _, basis, anchors, weight = make_inputs(lead, d, k, dtype, weights="random", device=DEVICE)
-        grad_out = torch.randn(hidden.shape).to(dtype).to(DEVICE).transpose(0, 1).contiguous().transpose(0, 1) \
-            if hidden.dim() >= 2 else torch.randn_like(hidden)
+        grad_out = (
+            torch.randn(hidden.shape).to(dtype).to(DEVICE).transpose(0, 1).contiguous().transpose(0, 1)
+            if hidden.dim() >= 2
+            else torch.randn_like(hidden)
+        )
         ref_loss, ref_grad = reference_loss_and_grad(hidden, basis, anchors, weight, 1.0, 0.4, 1.7)
         h = hidden.detach().requires_grad_(True)
         out, loss = rg.guard(h, basis, anchors, weight, drift_coef=1.0, gram_coef=0.4, backend=BACKEND)

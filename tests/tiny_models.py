@@ -1,37 +1,51 @@
-"""Tiny random causal LMs and a tiny tokenizer, built offline, for the trainer/CLI tests.
+"""Tiny random causal LMs and two tiny tokenizers, built offline, for every model-side test.
 
-Nothing here downloads anything: the tokenizer is a word-level ``tokenizers`` model trained
-on a few sentences (plus the words of the built-in prompt sets) and the models are built
-from configs with random weights (hidden 32, 2 layers, dropout 0).
+Nothing here downloads anything. ``char_tokenizer`` has one token per printable ASCII character
+(vocab < 128); ``tiny_tokenizer`` is a word-level ``tokenizers`` model trained on a few sentences
+(plus the words of the built-in prompt sets). Models are built from configs with random weights
+(hidden 32, dropout 0, eager attention). Also holds the DDP worker, which must be importable by
+the spawned processes.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import warnings
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    GemmaConfig,
-    GPT2Config,
-    LlamaConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+VOCAB = 128
+SPECIAL = ["<pad>", "<unk>", "<bos>", "<eos>", "<|user|>", "<|assistant|>", "<|end|>"]
+CHAR_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
-__all__ = [
-    "SENTENCES",
-    "CHAT_TEMPLATE",
-    "MODEL_KINDS",
-    "tiny_tokenizer",
-    "tiny_config",
-    "tiny_model",
-    "save_tiny_model",
-    "write_pairs_file",
-    "write_text_file",
-]
+
+def char_tokenizer(chat: bool = True, padding_side: str = "right"):
+    """A PreTrainedTokenizerFast with one token per printable ASCII character (vocab < 128)."""
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    vocab = {tok: i for i, tok in enumerate(SPECIAL + chars)}
+    assert len(vocab) <= VOCAB
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        padding_side=padding_side,
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|end|>"]})
+    if chat:
+        tokenizer.chat_template = CHAR_CHAT_TEMPLATE
+    return tokenizer
+
 
 SENTENCES = [
     "the cat sat on the mat and looked at the dog",
@@ -48,7 +62,7 @@ SENTENCES = [
     "water boils at one hundred degrees at sea level",
 ]
 
-CHAT_TEMPLATE = (
+WORD_CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
     "{% if message['role'] == 'user' %}<|user|> {{ message['content'] }} <|end_user|> "
@@ -64,7 +78,7 @@ MODEL_KINDS = ("llama", "qwen2", "gemma", "gpt2")
 def _corpus() -> list[str]:
     texts = list(SENTENCES)
     try:
-        from refusalguard_kernels.prompts import builtin_prompts
+        from refusalguard_kernels.integration.prompts import builtin_prompts
 
         texts += builtin_prompts("harmful") + builtin_prompts("harmless")
     except Exception:  # the prompt sets are another module's; the tokenizer works without them
@@ -91,42 +105,94 @@ def tiny_tokenizer(*, chat_template: bool = True, vocab_size: int = 256) -> PreT
         model_max_length=128,
     )
     if chat_template:
-        tokenizer.chat_template = CHAT_TEMPLATE
+        tokenizer.chat_template = WORD_CHAT_TEMPLATE
     return tokenizer
 
 
-def tiny_config(kind: str, tokenizer, *, hidden: int = 32, layers: int = 2):
-    """A config for a ``kind`` model ("llama", "qwen2", "gemma", "gpt2") sized for CPU tests."""
-    ids = dict(
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+MODEL_KINDS = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gpt2", "gpt_neox")
+
+
+def tiny_config(kind: str = "llama", tokenizer=None, *, hidden: int = 32, layers: int = 3, **overrides):
+    """A config for a ``kind`` model sized for CPU tests; vocabulary and special ids from ``tokenizer``
+    (default: the char tokenizer's). ``overrides`` set config attributes afterwards."""
+    import transformers as tf
+
+    if tokenizer is None:
+        ids = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    else:
+        ids = dict(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    common = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        attention_dropout=0.0,
+        **ids,
     )
+    head_dim = hidden // 4
     if kind == "llama":
-        return LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           attention_dropout=0.0, tie_word_embeddings=False, **ids)
-    if kind == "qwen2":
-        return Qwen2Config(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           attention_dropout=0.0, tie_word_embeddings=False, **ids)
-    if kind == "gemma":
-        return GemmaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                           num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4,
-                           max_position_embeddings=128, attention_dropout=0.0, **ids)
-    if kind == "gpt2":
-        return GPT2Config(n_embd=hidden, n_layer=layers, n_head=4, n_positions=128, resid_pdrop=0.0,
-                          embd_pdrop=0.0, attn_pdrop=0.0, **ids)
-    raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {MODEL_KINDS}")
+        cfg = tf.LlamaConfig(**common, tie_word_embeddings=False)
+    elif kind == "mistral":
+        cfg = tf.MistralConfig(**common)
+    elif kind == "qwen2":
+        cfg = tf.Qwen2Config(**common, tie_word_embeddings=False)
+    elif kind == "qwen3":
+        cfg = tf.Qwen3Config(**common, head_dim=head_dim)
+    elif kind == "gemma":
+        cfg = tf.GemmaConfig(**common, head_dim=head_dim)
+    elif kind == "gemma2":
+        cfg = tf.Gemma2Config(**common, head_dim=head_dim, sliding_window=16)
+    elif kind == "gemma3":
+        cfg = tf.Gemma3TextConfig(**common, head_dim=head_dim, sliding_window=16)
+    elif kind == "gpt2":
+        cfg = tf.GPT2Config(
+            n_embd=hidden,
+            n_layer=layers,
+            n_head=4,
+            n_positions=256,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            **ids,
+        )
+    elif kind == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+            **ids,
+        )
+    else:
+        raise ValueError(f"unknown tiny model kind {kind!r}; choose one of {MODEL_KINDS}")
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
 
 
-def tiny_model(kind: str = "llama", tokenizer=None, *, seed: int = 0, hidden: int = 32, layers: int = 2):
-    """A random ``kind`` causal LM in float32, eval mode, weights drawn with ``seed``."""
-    tokenizer = tokenizer if tokenizer is not None else tiny_tokenizer()
+def tiny_model(
+    kind: str = "llama", tokenizer=None, *, seed: int = 0, hidden: int = 32, layers: int | None = None, **overrides
+):
+    """A random ``kind`` causal LM in float32 and eval mode, weights drawn with ``seed``. Without a
+    tokenizer it has the char tokenizer's vocabulary and 3 layers; with one, its vocabulary and 2 layers
+    (the sizes each group of tests was written for)."""
+    if layers is None:
+        layers = 3 if tokenizer is None else 2
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(kind, tokenizer, hidden=hidden, layers=layers),
-                                             dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = tiny_config(kind, tokenizer, hidden=hidden, layers=layers, **overrides)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     return model.eval()
 
 
@@ -165,3 +231,90 @@ def write_text_file(path, *, n: int = 8) -> Path:
     path = Path(path)
     path.write_text("\n".join(SENTENCES[i % len(SENTENCES)] for i in range(n)) + "\n")
     return path
+
+
+def random_batch(batch: int = 4, seq: int = 12, seed: int = 1, *, pad_rows: dict | None = None, left: bool = False):
+    """input_ids/attention_mask/labels; ``pad_rows={row: n_pad}`` pads those rows (right, or left)."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(len(SPECIAL), VOCAB, (batch, seq), generator=gen)
+    attention_mask = torch.ones(batch, seq, dtype=torch.long)
+    for row, n_pad in (pad_rows or {}).items():
+        if left:
+            input_ids[row, :n_pad] = 0
+            attention_mask[row, :n_pad] = 0
+        else:
+            input_ids[row, seq - n_pad :] = 0
+            attention_mask[row, seq - n_pad :] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def random_basis(model, layers, k: int = 2, seed: int = 3):
+    from refusalguard_kernels import orthonormalize_basis
+    from refusalguard_kernels.integration.basis import RefusalBasis
+    from refusalguard_kernels.integration.model_utils import model_hidden_size
+
+    gen = torch.Generator().manual_seed(seed)
+    d = model_hidden_size(model)
+    bases = {layer: orthonormalize_basis(torch.randn(d, k, generator=gen, dtype=torch.float64)) for layer in layers}
+    return RefusalBasis(bases, {"model_name": "tiny", "method": "random"})
+
+
+def perturb_(model, seed: int = 7, scale: float = 0.05) -> None:
+    """Nudge every weight matrix in place (a stand-in for some training steps)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.add_(scale * torch.randn(param.shape, generator=gen, dtype=param.dtype))
+
+
+# ---------------------------------------------------------------------------- DDP
+
+
+def ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    """One DDP rank: half the batch, task loss + penalty, backward; saves the averaged gradients."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from refusalguard_kernels.integration.hooks import RefusalGuard
+
+    torch.set_num_threads(1)
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        model = ddp_reference_model()
+        batch = ddp_batch()
+        half = batch["input_ids"].shape[0] // world_size
+        local = {key: value[rank * half : (rank + 1) * half] for key, value in batch.items()}
+        basis = random_basis(model, [0, 2], k=2)
+        guard = RefusalGuard(model, basis, backend="torch")
+        anchors = guard.anchors(**local)
+        perturbed_step(model)
+        ddp_model = DDP(model)
+        guard.arm(anchors, guard.weights(**local))
+        out = ddp_model(**local)
+        loss = out.loss + guard.penalty()
+        loss.backward()
+        mean_penalty = guard.penalty().detach().clone()
+        dist.all_reduce(mean_penalty)
+        mean_penalty /= world_size
+        if rank == 0:
+            grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+            torch.save({"grads": grads, "penalty": mean_penalty}, os.path.join(out_dir, "ddp.pt"))
+        guard.remove()
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_reference_model():
+    return tiny_model("llama", seed=11).train()
+
+
+def ddp_batch():
+    return random_batch(batch=4, seq=10, seed=12)
+
+
+def perturbed_step(model) -> None:
+    perturb_(model, seed=13, scale=0.05)

@@ -1,11 +1,20 @@
 """``refusalguard diagnose``: how a fine-tune moved the refusal geometry, layer by layer (base model vs a
-tuned model or an adapter). See ``refusalguard_kernels/diagnostics.py`` for the metrics."""
+tuned model or an adapter). See ``refusalguard_kernels/evaluation/diagnostics.py`` for the metrics."""
 
 from __future__ import annotations
 
 import argparse
 
-from .extract import DTYPES, CLIError, HelpFormatter, add_common_model_options, cli_errors, parse_layers
+from .common import (
+    CLIError,
+    HelpFormatter,
+    add_common_model_options,
+    add_device_options,
+    add_prompt_column_options,
+    cli_errors,
+    int_at_least,
+    parse_layers,
+)
 
 __all__ = ["add_parser", "run"]
 
@@ -42,35 +51,68 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("model", help="the base model: folder or Hugging Face Hub name")
     tuned = parser.add_mutually_exclusive_group(required=True)
-    tuned.add_argument("--tuned", default=None, metavar="MODEL",
-                       help="the fine-tuned model (folder or Hub name), same architecture and tokenizer")
-    tuned.add_argument("--adapter", default=None, metavar="PATH",
-                       help="a PEFT (LoRA) adapter: the tuned model is the base model with it")
-    parser.add_argument("--harmful", default="builtin:harmful", metavar="SOURCE",
-                        help="harmful prompts: builtin:harmful, organism:harmful, a file, or a dataset name")
-    parser.add_argument("--harmful-column", default=None, metavar="NAME",
-                        help="field holding the prompt in --harmful objects / CSV / dataset rows")
-    parser.add_argument("--harmless", default="builtin:harmless", metavar="SOURCE",
-                        help="harmless prompts: builtin:harmless, organism:benign, a file, or a dataset name")
-    parser.add_argument("--harmless-column", default=None, metavar="NAME",
-                        help="field holding the prompt in --harmless objects / CSV / dataset rows")
+    tuned.add_argument(
+        "--tuned",
+        default=None,
+        metavar="MODEL",
+        help="the fine-tuned model (folder or Hub name), same architecture and tokenizer",
+    )
+    tuned.add_argument(
+        "--adapter",
+        default=None,
+        metavar="PATH",
+        help="a PEFT (LoRA) adapter: the tuned model is the base model with it",
+    )
+    parser.add_argument(
+        "--harmful",
+        default="builtin:harmful",
+        metavar="SOURCE",
+        help="harmful prompts: builtin:harmful, organism:harmful, a file, or a dataset name",
+    )
+    parser.add_argument(
+        "--harmless",
+        default="builtin:harmless",
+        metavar="SOURCE",
+        help="harmless prompts: builtin:harmless, organism:benign, a file, or a dataset name",
+    )
+    add_prompt_column_options(parser, "harmful", "harmless")
     parser.add_argument("--split", default="train", help="dataset split to read prompts from (dataset sources)")
-    parser.add_argument("--limit", type=int, default=None, metavar="N",
-                        help="use only the first N prompts of each set (default: all)")
-    parser.add_argument("--layers", type=parse_layers, default=None, metavar="LIST",
-                        help="decoder layers, e.g. '10,12,14' or '8-11' (negative counts from the end); default: all")
-    parser.add_argument("--k", type=int, default=1,
-                        help="refusal-cone directions per layer (k > 1 extracts with the svd method)")
-    parser.add_argument("--positions", choices=("auto", "last", "post-instruction"), default="auto",
-                        help="where the cones and coordinates are read: the last prompt token or the mean over the "
-                             "chat template's post-instruction tokens; auto: post-instruction with a chat template")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
-    parser.add_argument("--output-dir", "-o", default="diagnose_out", metavar="DIR",
-                        help="folder for diagnose.json, diagnose.png and table.txt")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="model weights dtype; auto: bfloat16 on a CUDA device that supports it, else float32")
-    parser.add_argument("--device", default="auto",
-                        help="where to run the models: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument(
+        "--limit",
+        type=int_at_least("--limit"),
+        default=None,
+        metavar="N",
+        help="use only the first N prompts of each set (default: all)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=parse_layers,
+        default=None,
+        metavar="LIST",
+        help="decoder layers, e.g. '10,12,14' or '8-11' (negative counts from the end); default: all",
+    )
+    parser.add_argument(
+        "--k",
+        type=int_at_least("--k"),
+        default=1,
+        help="refusal-cone directions per layer (k > 1 extracts with the svd method)",
+    )
+    parser.add_argument(
+        "--positions",
+        choices=("auto", "last", "post-instruction"),
+        default="auto",
+        help="where the cones and coordinates are read: the last prompt token or the mean over the "
+        "chat template's post-instruction tokens; auto: post-instruction with a chat template",
+    )
+    parser.add_argument("--batch-size", type=int_at_least("--batch-size"), default=8, help="prompts per forward pass")
+    parser.add_argument(
+        "--output-dir",
+        "-o",
+        default="diagnose_out",
+        metavar="DIR",
+        help="folder for diagnose.json, diagnose.png and table.txt",
+    )
+    add_device_options(parser, "the models")
     add_common_model_options(parser)
     parser.set_defaults(func=run)
     return parser
@@ -81,10 +123,10 @@ def run(args) -> int:
     import gc
     import os
 
-    from ..diagnostics import compare_geometry, format_table, model_geometry, plot_report, save_report
-    from ..model_utils import has_chat_template
+    from ..evaluation.diagnostics import compare_geometry, format_table, model_geometry, plot_report, save_report
+    from ..integration.model_utils import has_chat_template
+    from .common import load_model_and_tokenizer, resolve_device, resolve_dtype
     from .eval import quiet_transformers, resolve_prompts, wrap_adapter
-    from .extract import load_model_and_tokenizer, resolve_device, resolve_dtype
 
     if args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise CLIError("--k, --batch-size and --limit must be >= 1")
@@ -95,13 +137,20 @@ def run(args) -> int:
         raise CLIError("diagnose needs at least 2 harmful and 2 harmless prompts")
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device,
-                                                trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(
+        args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code
+    )
     positions = args.positions
     if positions == "auto":
         positions = "post-instruction" if has_chat_template(tokenizer) else "last"
-    kw = dict(layers=args.layers, k=args.k, positions=positions, batch_size=args.batch_size,
-              layers_path=args.layers_path, show_progress=not args.quiet)
+    kw = dict(
+        layers=args.layers,
+        k=args.k,
+        positions=positions,
+        batch_size=args.batch_size,
+        layers_path=args.layers_path,
+        show_progress=not args.quiet,
+    )
     base = model_geometry(model, tokenizer, harmful, harmless, desc="base model", **kw)
     if args.adapter is not None:
         # The adapter wraps the same weights: no second copy of the model in memory.
@@ -109,8 +158,9 @@ def run(args) -> int:
     else:
         del model
         gc.collect()
-        tuned_model, tuned_tokenizer = load_model_and_tokenizer(args.tuned, dtype=dtype, device=device,
-                                                                trust_remote_code=args.trust_remote_code)
+        tuned_model, tuned_tokenizer = load_model_and_tokenizer(
+            args.tuned, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code
+        )
     tuned = model_geometry(tuned_model, tuned_tokenizer, harmful, harmless, desc="tuned model", **kw)
     report = compare_geometry(base, tuned)
     report["base_model"] = args.model

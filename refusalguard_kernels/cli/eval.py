@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import argparse
 
-from .extract import DTYPES, CLIError, HelpFormatter, add_common_model_options, cli_errors
+from .common import (
+    CLIError,
+    HelpFormatter,
+    add_common_model_options,
+    add_device_options,
+    add_prompt_column_options,
+    cli_errors,
+    int_at_least,
+)
 
 __all__ = ["add_parser", "run", "load_eval_model", "resolve_prompts", "ORGANISM_SOURCES"]
 
@@ -44,45 +52,74 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         formatter_class=HelpFormatter,
     )
     parser.add_argument("model", help="model folder or Hugging Face Hub name (loaded with AutoModelForCausalLM)")
-    parser.add_argument("--adapter", default=None, metavar="PATH",
-                        help="a PEFT (LoRA) adapter folder or Hub name to load on top of the model")
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="PATH",
+        help="a PEFT (LoRA) adapter folder or Hub name to load on top of the model",
+    )
     prompts = parser.add_argument_group("prompt sets")
-    prompts.add_argument("--harmful", default="builtin:harmful", metavar="SOURCE",
-                         help="prompts that should be refused (see the source list below), or none")
-    prompts.add_argument("--harmful-column", default=None, metavar="NAME",
-                         help="field holding the prompt in --harmful objects / CSV / dataset rows")
+    prompts.add_argument(
+        "--harmful",
+        default="builtin:harmful",
+        metavar="SOURCE",
+        help="prompts that should be refused (see the source list below), or none",
+    )
+    add_prompt_column_options(prompts, "harmful", "benign")
     prompts.add_argument("--harmful-split", default="train", metavar="NAME", help="dataset split for --harmful")
-    prompts.add_argument("--harmful-config", default=None, metavar="NAME",
-                         help="dataset configuration (subset) for --harmful, when the dataset has several")
-    prompts.add_argument("--benign", default="builtin:harmless", metavar="SOURCE",
-                         help="prompts that should be answered (for over-refusal), or none")
-    prompts.add_argument("--benign-column", default=None, metavar="NAME",
-                         help="field holding the prompt in --benign objects / CSV / dataset rows")
+    prompts.add_argument(
+        "--harmful-config",
+        default=None,
+        metavar="NAME",
+        help="dataset configuration (subset) for --harmful, when the dataset has several",
+    )
+    prompts.add_argument(
+        "--benign",
+        default="builtin:harmless",
+        metavar="SOURCE",
+        help="prompts that should be answered (for over-refusal), or none",
+    )
     prompts.add_argument("--benign-split", default="train", metavar="NAME", help="dataset split for --benign")
-    prompts.add_argument("--benign-config", default=None, metavar="NAME",
-                         help="dataset configuration (subset) for --benign")
-    prompts.add_argument("--limit", type=int, default=None, metavar="N",
-                         help="use only the first N prompts of each set (default: all)")
-    prompts.add_argument("--arithmetic", type=int, default=0, metavar="N",
-                         help="also score N of the organism's held-out arithmetic word problems (task accuracy); "
-                              "0: off")
+    prompts.add_argument(
+        "--benign-config", default=None, metavar="NAME", help="dataset configuration (subset) for --benign"
+    )
+    prompts.add_argument(
+        "--limit",
+        type=int_at_least("--limit"),
+        default=None,
+        metavar="N",
+        help="use only the first N prompts of each set (default: all)",
+    )
+    prompts.add_argument(
+        "--arithmetic",
+        type=int_at_least("--arithmetic", 0),
+        default=0,
+        metavar="N",
+        help="also score N of the organism's held-out arithmetic word problems (task accuracy); 0: off",
+    )
     gen = parser.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per prompt")
-    gen.add_argument("--batch-size", type=int, default=16, help="prompts per generate() call (left-padded)")
+    gen.add_argument(
+        "--max-new-tokens", type=int_at_least("--max-new-tokens"), default=64, help="tokens generated per prompt"
+    )
+    gen.add_argument(
+        "--batch-size", type=int_at_least("--batch-size"), default=16, help="prompts per generate() call (left-padded)"
+    )
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --sample)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --sample)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (with --sample)")
-    gen.add_argument("--no-chat-template", action="store_true",
-                     help="feed the raw prompts instead of formatting them with the tokenizer's chat template")
-    parser.add_argument("--output", "-o", default="eval.json", metavar="PATH",
-                        help="JSON file for the metrics and every generation")
-    parser.add_argument("--show", type=int, default=3, metavar="N",
-                        help="print N example generations of each set")
-    parser.add_argument("--dtype", choices=DTYPES, default="auto",
-                        help="model weights dtype; auto: bfloat16 on a CUDA device that supports it, else float32")
-    parser.add_argument("--device", default="auto",
-                        help="where to run the model: auto (cuda if available, else cpu), cpu, cuda, cuda:1, mps")
+    gen.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="feed the raw prompts instead of formatting them with the tokenizer's chat template",
+    )
+    parser.add_argument(
+        "--output", "-o", default="eval.json", metavar="PATH", help="JSON file for the metrics and every generation"
+    )
+    parser.add_argument(
+        "--show", type=int_at_least("--show", 0), default=3, metavar="N", help="print N example generations of each set"
+    )
+    add_device_options(parser)
     add_common_model_options(parser)
     parser.set_defaults(func=run)
     return parser
@@ -93,10 +130,13 @@ def resolve_prompts(source: str | None, *, column=None, split="train", config=No
     if source is None or source.lower() == "none":
         return []
     if source in ORGANISM_SOURCES:
-        from ..organism.corpus import HELDOUT_REQUEST_TEMPLATES, benign_requests, harmful_requests
+        from ..demo.organism.corpus import HELDOUT_REQUEST_TEMPLATES, benign_requests, harmful_requests
 
-        pairs = harmful_requests(HELDOUT_REQUEST_TEMPLATES) if source == "organism:harmful" else \
-            benign_requests(HELDOUT_REQUEST_TEMPLATES)
+        pairs = (
+            harmful_requests(HELDOUT_REQUEST_TEMPLATES)
+            if source == "organism:harmful"
+            else benign_requests(HELDOUT_REQUEST_TEMPLATES)
+        )
         import random
 
         prompts = [p for p, _ in pairs]
@@ -113,20 +153,19 @@ def resolve_prompts(source: str | None, *, column=None, split="train", config=No
             raise CLIError(f"could not load dataset {source!r} (config {config!r}, split {split!r}): {exc}") from exc
         if column not in dataset.column_names:
             raise CLIError(f"dataset {source!r} has no column {column!r}; its columns are {dataset.column_names}")
-        from ..prompts import load_prompts
+        from ..integration.prompts import load_prompts
 
         return load_prompts(list(dataset[column]), limit=limit)
-    from ..prompts import load_prompts
+    from ..integration.prompts import load_prompts
 
     return load_prompts(source, column=column, split=split, limit=limit)
 
 
 def load_eval_model(name: str, adapter: str | None, *, dtype, device: str, trust_remote_code: bool = False):
     """(model in eval mode, tokenizer); the adapter, when given, is loaded on top with peft."""
-    from .extract import load_model_and_tokenizer
+    from .common import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(name, dtype=dtype, device=device,
-                                                trust_remote_code=trust_remote_code)
+    model, tokenizer = load_model_and_tokenizer(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
     if adapter is not None:
         model = wrap_adapter(model, adapter)
     return model.eval(), tokenizer
@@ -175,38 +214,65 @@ def run(args) -> int:
     import os
     import tempfile
 
-    from ..evaluation import evaluate_refusal, task_accuracy
-    from .extract import resolve_device, resolve_dtype
+    from ..evaluation.generation import evaluate_refusal, task_accuracy
+    from .common import resolve_device, resolve_dtype
 
     _check(args)
     quiet_transformers(args.quiet)
-    harmful = resolve_prompts(args.harmful, column=args.harmful_column, split=args.harmful_split,
-                              config=args.harmful_config, limit=args.limit)
-    benign = resolve_prompts(args.benign, column=args.benign_column, split=args.benign_split,
-                             config=args.benign_config, limit=args.limit)
+    harmful = resolve_prompts(
+        args.harmful, column=args.harmful_column, split=args.harmful_split, config=args.harmful_config, limit=args.limit
+    )
+    benign = resolve_prompts(
+        args.benign, column=args.benign_column, split=args.benign_split, config=args.benign_config, limit=args.limit
+    )
     if not harmful and not benign and not args.arithmetic:
         raise CLIError("nothing to evaluate: --harmful and --benign are both none and --arithmetic is 0")
     device = resolve_device(args.device)
-    model, tokenizer = load_eval_model(args.model, args.adapter, dtype=resolve_dtype(args.dtype, device),
-                                       device=device, trust_remote_code=args.trust_remote_code)
+    model, tokenizer = load_eval_model(
+        args.model,
+        args.adapter,
+        dtype=resolve_dtype(args.dtype, device),
+        device=device,
+        trust_remote_code=args.trust_remote_code,
+    )
     chat = False if args.no_chat_template else None
-    gen = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, do_sample=args.sample,
-               temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat_template=chat,
-               show_progress=not args.quiet)
-    result = {"model": args.model, "adapter": args.adapter, "harmful_source": args.harmful,
-              "benign_source": args.benign, "decoding": "sampled" if args.sample else "greedy",
-              "max_new_tokens": args.max_new_tokens, "temperature": args.temperature if args.sample else None,
-              "top_p": args.top_p if args.sample else None, "seed": args.seed}
+    gen = dict(
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        chat_template=chat,
+        show_progress=not args.quiet,
+    )
+    result = {
+        "model": args.model,
+        "adapter": args.adapter,
+        "harmful_source": args.harmful,
+        "benign_source": args.benign,
+        "decoding": "sampled" if args.sample else "greedy",
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature if args.sample else None,
+        "top_p": args.top_p if args.sample else None,
+        "seed": args.seed,
+    }
     if harmful or benign:
         result.update(evaluate_refusal(model, tokenizer, harmful or None, benign or None, **gen))
     if args.arithmetic:
         import random
 
-        from ..organism.corpus import arithmetic_problems
+        from ..demo.organism.corpus import arithmetic_problems
 
         problems = [p for p, _ in arithmetic_problems(random.Random(args.seed), args.arithmetic, heldout=True)]
-        task = task_accuracy(model, tokenizer, problems, max_new_tokens=args.max_new_tokens,
-                             batch_size=args.batch_size, show_progress=not args.quiet)
+        task = task_accuracy(
+            model,
+            tokenizer,
+            problems,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            show_progress=not args.quiet,
+        )
         result["task_accuracy"] = task["accuracy"]
         result["n_task"] = task["n"]
         result.setdefault("samples", {})["task"] = task["samples"]
@@ -230,8 +296,9 @@ def run(args) -> int:
     samples = result.get("samples", {})
     for kind in ("harmful", "benign"):
         for item in samples.get(kind, [])[: args.show]:
-            print(f"[{kind}{', refused' if item['refused'] else ''}] {item['prompt'][:70]!r} -> "
-                  f"{item['response'][:90]!r}")
+            print(
+                f"[{kind}{', refused' if item['refused'] else ''}] {item['prompt'][:70]!r} -> {item['response'][:90]!r}"
+            )
     print(f"refusal rate       {rate('refusal_rate')}  ({result.get('n_harmful', 0)} harmful prompts)")
     print(f"attack success     {rate('attack_success_rate')}")
     print(f"over-refusal       {rate('over_refusal')}  ({result.get('n_benign', 0)} benign prompts)")

@@ -12,13 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 
-from .extract import (
+from .common import (
     DTYPES,
     CLIError,
     HelpFormatter,
     add_common_model_options,
     cli_errors,
+    int_at_least,
     load_model_and_tokenizer,
+    nonnegative_float,
     parse_layers,
     resolve_dtype,
 )
@@ -44,32 +46,6 @@ next run, checked against the tokens, the basis and the model).
 """
 
 
-def _float(name: str):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number; got {text!r}") from None
-        if value != value or value in (float("inf"), float("-inf")) or value < 0:
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number >= 0; got {text!r}")
-        return value
-
-    return parse
-
-
-def _int(name: str, minimum: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer; got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}; got {value}")
-        return value
-
-    return parse
-
-
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
@@ -85,103 +61,238 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("model", help="base model folder or Hugging Face Hub name (loaded with AutoModelForCausalLM)")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", required=True, metavar="SOURCE",
-                      help="training data: a .json/.jsonl/.csv/.txt/.parquet file, a save_to_disk folder, or a "
-                           "Hugging Face dataset name")
-    data.add_argument("--dataset-config", default=None, metavar="NAME", help="dataset configuration (subset) on the Hub")
+    data.add_argument(
+        "--dataset",
+        required=True,
+        metavar="SOURCE",
+        help="training data: a .json/.jsonl/.csv/.txt/.parquet file, a save_to_disk folder, or a "
+        "Hugging Face dataset name",
+    )
+    data.add_argument(
+        "--dataset-config", default=None, metavar="NAME", help="dataset configuration (subset) on the Hub"
+    )
     data.add_argument("--split", default="train", help="dataset split to train on")
-    data.add_argument("--text-field", default=None, metavar="NAME",
-                      help="column with whole training texts (trained on every token)")
-    data.add_argument("--prompt-field", default=None, metavar="NAME",
-                      help="column with prompts (not trained on; formatted with the chat template when the tokenizer "
-                           "has one); needs --response-field")
-    data.add_argument("--response-field", default=None, metavar="NAME",
-                      help="column with the responses to train on; needs --prompt-field. With no field option, "
-                           "prompt/response, prompt/completion, instruction/output, question/answer or text columns "
-                           "are recognised")
-    data.add_argument("--max-length", type=_int("--max-length", 2), default=512,
-                      help="tokens per example; longer examples are cut on the right")
-    data.add_argument("--max-examples", type=_int("--max-examples", 1), default=None, metavar="N",
-                      help="train on the first N examples only (default: all)")
-    data.add_argument("--no-chat-template", action="store_true",
-                      help="do not format prompt/response pairs with the tokenizer's chat template")
+    data.add_argument(
+        "--text-field", default=None, metavar="NAME", help="column with whole training texts (trained on every token)"
+    )
+    data.add_argument(
+        "--prompt-field",
+        default=None,
+        metavar="NAME",
+        help="column with prompts (not trained on; formatted with the chat template when the tokenizer "
+        "has one); needs --response-field",
+    )
+    data.add_argument(
+        "--response-field",
+        default=None,
+        metavar="NAME",
+        help="column with the responses to train on; needs --prompt-field. With no field option, "
+        "prompt/response, prompt/completion, instruction/output, question/answer or text columns "
+        "are recognised",
+    )
+    data.add_argument(
+        "--max-length",
+        type=int_at_least("--max-length", 2),
+        default=512,
+        help="tokens per example; longer examples are cut on the right",
+    )
+    data.add_argument(
+        "--max-examples",
+        type=int_at_least("--max-examples", 1),
+        default=None,
+        metavar="N",
+        help="train on the first N examples only (default: all)",
+    )
+    data.add_argument(
+        "--no-chat-template",
+        action="store_true",
+        help="do not format prompt/response pairs with the tokenizer's chat template",
+    )
 
     lora = parser.add_argument_group("LoRA adapter")
-    lora.add_argument("--lora-r", type=_int("--lora-r", 1), default=16, help="rank of the LoRA update matrices (capacity of the adapter)")
-    lora.add_argument("--lora-alpha", type=_float("--lora-alpha"), default=32.0, help="LoRA scaling numerator (alpha / r)")
-    lora.add_argument("--lora-dropout", type=_float("--lora-dropout"), default=0.05, help="dropout on the LoRA input")
-    lora.add_argument("--lora-targets", default=None, metavar="LIST",
-                      help="comma-separated module names to adapt (e.g. q_proj,v_proj) or all-linear; default: "
-                           "peft's choice for the architecture")
+    lora.add_argument(
+        "--lora-r",
+        type=int_at_least("--lora-r", 1),
+        default=16,
+        help="rank of the LoRA update matrices (capacity of the adapter)",
+    )
+    lora.add_argument(
+        "--lora-alpha", type=nonnegative_float("--lora-alpha"), default=32.0, help="LoRA scaling numerator (alpha / r)"
+    )
+    lora.add_argument(
+        "--lora-dropout", type=nonnegative_float("--lora-dropout"), default=0.05, help="dropout on the LoRA input"
+    )
+    lora.add_argument(
+        "--lora-targets",
+        default=None,
+        metavar="LIST",
+        help="comma-separated module names to adapt (e.g. q_proj,v_proj) or all-linear; default: "
+        "peft's choice for the architecture",
+    )
 
     guard = parser.add_argument_group("refusal guard")
     source = guard.add_mutually_exclusive_group()
-    source.add_argument("--basis", default=None, metavar="PATH",
-                        help="refusal basis from `refusalguard extract` (.safetensors file or a folder holding one)")
-    source.add_argument("--extract", action="store_true",
-                        help="extract a basis first from the built-in harmful/harmless prompt sets (see --layers, --k); "
-                             "it is saved in --output-dir")
-    guard.add_argument("--layers", type=parse_layers, default=None, metavar="LIST",
-                       help="with --extract: decoder layers, e.g. '10,12,14' or '8-11'; default: the middle band of "
-                            "depth")
-    guard.add_argument("--k", type=_int("--k", 1), default=None,
-                       help="with --extract: directions per layer, default 1 (k > 1 uses the svd method)")
-    guard.add_argument("--positions", default="all",
-                       help="tokens the penalty covers: all (every non-padding token), prompt, response, or fN+lM "
-                            "(first N and last M prompt tokens, e.g. f5+l5); prompt/response/fN+lM need prompt and "
-                            "response fields")
-    guard.add_argument("--drift-coef", type=_float("--drift-coef"), default=1.0,
-                       help="weight of the drift term (mean squared change of the refusal coordinates)")
-    guard.add_argument("--gram-coef", type=_float("--gram-coef"), default=0.0,
-                       help="weight of the Gram term (change of the coordinates' second-moment matrix)")
-    guard.add_argument("--warmup-steps", type=_int("--warmup-steps", 0), default=0,
-                       help="ProCon-style warm-up: optimizer steps over which the penalty scale decays from "
-                            "--warmup-multiplier to 1 (0: no warm-up)")
-    guard.add_argument("--warmup-multiplier", type=_float("--warmup-multiplier"), default=10.0,
-                       help="penalty scale at step 0 when --warmup-steps > 0")
-    guard.add_argument("--warmup-schedule", choices=("linear", "cosine"), default="linear",
-                       help="shape of the warm-up decay")
-    guard.add_argument("--anchors", choices=("online", "cached"), default="online",
-                       help="online: the frozen model's coordinates from an extra no-grad forward each step; cached: "
-                            "computed once before training and stored with the dataset (checked against tokens, "
-                            "basis and model)")
-    guard.add_argument("--anchor-batch-size", type=_int("--anchor-batch-size", 1), default=None, metavar="N",
-                       help="examples per forward when caching anchors (default: --batch-size)")
-    guard.add_argument("--backend", choices=("auto", "torch", "triton", "cuda"), default="auto",
-                       help="penalty implementation: auto picks the fused kernels on GPU and PyTorch on CPU")
+    source.add_argument(
+        "--basis",
+        default=None,
+        metavar="PATH",
+        help="refusal basis from `refusalguard extract` (.safetensors file or a folder holding one)",
+    )
+    source.add_argument(
+        "--extract",
+        action="store_true",
+        help="extract a basis first from the built-in harmful/harmless prompt sets (see --layers, --k); "
+        "it is saved in --output-dir",
+    )
+    guard.add_argument(
+        "--layers",
+        type=parse_layers,
+        default=None,
+        metavar="LIST",
+        help="with --extract: decoder layers, e.g. '10,12,14' or '8-11'; default: the middle band of depth",
+    )
+    guard.add_argument(
+        "--k",
+        type=int_at_least("--k", 1),
+        default=None,
+        help="with --extract: directions per layer, default 1 (k > 1 uses the svd method)",
+    )
+    guard.add_argument(
+        "--positions",
+        default="all",
+        help="tokens the penalty covers: all (every non-padding token), prompt, response, or fN+lM "
+        "(first N and last M prompt tokens, e.g. f5+l5); prompt/response/fN+lM need prompt and "
+        "response fields",
+    )
+    guard.add_argument(
+        "--drift-coef",
+        type=nonnegative_float("--drift-coef"),
+        default=1.0,
+        help="weight of the drift term (mean squared change of the refusal coordinates)",
+    )
+    guard.add_argument(
+        "--gram-coef",
+        type=nonnegative_float("--gram-coef"),
+        default=0.0,
+        help="weight of the Gram term (change of the coordinates' second-moment matrix)",
+    )
+    guard.add_argument(
+        "--warmup-steps",
+        type=int_at_least("--warmup-steps", 0),
+        default=0,
+        help="ProCon-style warm-up: optimizer steps over which the penalty scale decays from "
+        "--warmup-multiplier to 1 (0: no warm-up)",
+    )
+    guard.add_argument(
+        "--warmup-multiplier",
+        type=nonnegative_float("--warmup-multiplier"),
+        default=10.0,
+        help="penalty scale at step 0 when --warmup-steps > 0",
+    )
+    guard.add_argument(
+        "--warmup-schedule", choices=("linear", "cosine"), default="linear", help="shape of the warm-up decay"
+    )
+    guard.add_argument(
+        "--anchors",
+        choices=("online", "cached"),
+        default="online",
+        help="online: the frozen model's coordinates from an extra no-grad forward each step; cached: "
+        "computed once before training and stored with the dataset (checked against tokens, "
+        "basis and model)",
+    )
+    guard.add_argument(
+        "--anchor-batch-size",
+        type=int_at_least("--anchor-batch-size", 1),
+        default=None,
+        metavar="N",
+        help="examples per forward when caching anchors (default: --batch-size)",
+    )
+    guard.add_argument(
+        "--backend",
+        choices=("auto", "torch", "triton", "cuda"),
+        default="auto",
+        help="penalty implementation: auto picks the fused kernels on GPU and PyTorch on CPU",
+    )
 
     train = parser.add_argument_group("training")
     length = train.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=_int("--steps", 1), default=None,
-                        help="optimizer steps to train (overrides --epochs)")
-    length.add_argument("--epochs", type=_float("--epochs"), default=1.0, help="passes over the dataset")
-    train.add_argument("--lr", type=_float("--lr"), default=2e-4, help="peak learning rate")
-    train.add_argument("--lr-scheduler", default="linear",
-                       choices=("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"),
-                       help="learning-rate schedule")
-    train.add_argument("--lr-warmup-steps", type=_int("--lr-warmup-steps", 0), default=0,
-                       help="learning-rate warm-up steps (independent of the penalty warm-up)")
-    train.add_argument("--weight-decay", type=_float("--weight-decay"), default=0.0, help="AdamW weight decay")
-    train.add_argument("--batch-size", type=_int("--batch-size", 1), default=4, help="examples per device per micro-batch")
-    train.add_argument("--grad-accum", type=_int("--grad-accum", 1), default=1,
-                       help="micro-batches accumulated per optimizer step")
-    train.add_argument("--gradient-checkpointing", action="store_true",
-                       help="recompute activations in backward to save memory (non-reentrant)")
-    train.add_argument("--bf16", action="store_true", help="train in bfloat16 mixed precision (autocast; the penalty itself is computed in float32)")
-    train.add_argument("--dtype", choices=DTYPES, default="auto",
-                       help="base model weights dtype; auto: bfloat16 with --bf16, else float32")
+    length.add_argument(
+        "--steps", type=int_at_least("--steps", 1), default=None, help="optimizer steps to train (overrides --epochs)"
+    )
+    length.add_argument("--epochs", type=nonnegative_float("--epochs"), default=1.0, help="passes over the dataset")
+    train.add_argument("--lr", type=nonnegative_float("--lr"), default=2e-4, help="peak learning rate")
+    train.add_argument(
+        "--lr-scheduler",
+        default="linear",
+        choices=("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_min_lr"),
+        help="learning-rate schedule",
+    )
+    train.add_argument(
+        "--lr-warmup-steps",
+        type=int_at_least("--lr-warmup-steps", 0),
+        default=0,
+        help="learning-rate warm-up steps (independent of the penalty warm-up)",
+    )
+    train.add_argument(
+        "--weight-decay", type=nonnegative_float("--weight-decay"), default=0.0, help="AdamW weight decay"
+    )
+    train.add_argument(
+        "--batch-size", type=int_at_least("--batch-size", 1), default=4, help="examples per device per micro-batch"
+    )
+    train.add_argument(
+        "--grad-accum",
+        type=int_at_least("--grad-accum", 1),
+        default=1,
+        help="micro-batches accumulated per optimizer step",
+    )
+    train.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        help="recompute activations in backward to save memory (non-reentrant)",
+    )
+    train.add_argument(
+        "--bf16",
+        action="store_true",
+        help="train in bfloat16 mixed precision (autocast; the penalty itself is computed in float32)",
+    )
+    train.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="base model weights dtype; auto: bfloat16 with --bf16, else float32",
+    )
     train.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is available")
     train.add_argument("--seed", type=int, default=42, help="random seed (adapter init, data order)")
-    train.add_argument("--output-dir", default="refusalguard-output", metavar="DIR",
-                       help="where the adapter, tokenizer, basis and checkpoints go")
-    train.add_argument("--logging-steps", type=_int("--logging-steps", 1), default=10,
-                       help="log loss, task loss, penalty and per-layer drift every N steps")
-    train.add_argument("--save-steps", type=_int("--save-steps", 0), default=0,
-                       help="save a checkpoint (with the basis) every N steps; 0: only at the end")
-    train.add_argument("--save-total-limit", type=_int("--save-total-limit", 1), default=None, metavar="N",
-                       help="keep at most N checkpoints (default: all)")
-    train.add_argument("--report-to", default="none",
-                       help="experiment trackers for the Trainer's logs: none, tensorboard, wandb, ... (comma-separated)")
+    train.add_argument(
+        "--output-dir",
+        default="refusalguard-output",
+        metavar="DIR",
+        help="where the adapter, tokenizer, basis and checkpoints go",
+    )
+    train.add_argument(
+        "--logging-steps",
+        type=int_at_least("--logging-steps", 1),
+        default=10,
+        help="log loss, task loss, penalty and per-layer drift every N steps",
+    )
+    train.add_argument(
+        "--save-steps",
+        type=int_at_least("--save-steps", 0),
+        default=0,
+        help="save a checkpoint (with the basis) every N steps; 0: only at the end",
+    )
+    train.add_argument(
+        "--save-total-limit",
+        type=int_at_least("--save-total-limit", 1),
+        default=None,
+        metavar="N",
+        help="keep at most N checkpoints (default: all)",
+    )
+    train.add_argument(
+        "--report-to",
+        default="none",
+        help="experiment trackers for the Trainer's logs: none, tensorboard, wandb, ... (comma-separated)",
+    )
     add_common_model_options(parser)
     parser.set_defaults(func=run)
     return parser
@@ -199,7 +310,7 @@ def _check_args(args) -> None:
         raise CLIError("give either --text-field or --prompt-field with --response-field, not both")
     if (args.prompt_field is None) != (args.response_field is None):
         raise CLIError("--prompt-field and --response-field go together; give both")
-    from ..hooks import parse_positions
+    from ..integration.hooks import parse_positions
 
     try:
         parse_positions(args.positions)
@@ -254,11 +365,11 @@ def run(args) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    from ..anchors import add_cached_anchors
-    from ..basis import RefusalBasis, extract_refusal_basis
-    from ..data_utils import load_training_dataset, resolve_fields, tokenize_dataset
-    from ..hooks import RefusalGuard
-    from ..trainer import RefusalGuardTrainer, training_autocast_dtype
+    from ..integration.anchors import add_cached_anchors
+    from ..integration.basis import RefusalBasis, extract_refusal_basis
+    from ..integration.hooks import RefusalGuard
+    from ..training.data_utils import load_training_dataset, resolve_fields, tokenize_dataset
+    from ..training.trainer import RefusalGuardTrainer, training_autocast_dtype
 
     hf_logging.set_verbosity_warning()
     training_args = _training_arguments(args)
@@ -269,7 +380,9 @@ def run(args) -> int:
         raw = raw.select(range(min(args.max_examples, len(raw))))
     try:
         text_field, prompt_field, response_field = resolve_fields(
-            raw.column_names, text_field=args.text_field, prompt_field=args.prompt_field,
+            raw.column_names,
+            text_field=args.text_field,
+            prompt_field=args.prompt_field,
             response_field=args.response_field,
         )
     except ValueError as exc:
@@ -290,8 +403,13 @@ def run(args) -> int:
 
     with training_args.main_process_first(desc="tokenizing"):
         tokenized = tokenize_dataset(
-            raw, tokenizer, text_field=text_field, prompt_field=prompt_field, response_field=response_field,
-            max_length=args.max_length, chat_template=False if args.no_chat_template else None,
+            raw,
+            tokenizer,
+            text_field=text_field,
+            prompt_field=prompt_field,
+            response_field=response_field,
+            max_length=args.max_length,
+            chat_template=False if args.no_chat_template else None,
             show_progress=not args.quiet,
         )
 
@@ -300,8 +418,14 @@ def run(args) -> int:
         basis = RefusalBasis.load(args.basis)
     else:
         basis = extract_refusal_basis(
-            model, tokenizer, "builtin:harmful", "builtin:harmless", layers=args.layers, k=args.k or 1,
-            method="dim" if (args.k or 1) == 1 else "svd", show_progress=not args.quiet and training_args.should_save,
+            model,
+            tokenizer,
+            "builtin:harmful",
+            "builtin:harmless",
+            layers=args.layers,
+            k=args.k or 1,
+            method="dim" if (args.k or 1) == 1 else "svd",
+            show_progress=not args.quiet and training_args.should_save,
             layers_path=args.layers_path,
         )
         if training_args.should_save:
@@ -315,7 +439,10 @@ def run(args) -> int:
     if targets is not None and targets != "all-linear":
         targets = [name.strip() for name in targets.split(",") if name.strip()]
     lora_config = LoraConfig(
-        r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, target_modules=targets,
+        r=args.lora_r,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=targets,
         task_type="CAUSAL_LM",
     )
     try:
@@ -323,24 +450,43 @@ def run(args) -> int:
     except ValueError as exc:
         raise CLIError(f"cannot add the LoRA adapter: {exc} (check --lora-targets)") from None
 
-    guard = RefusalGuard(model, basis, positions=args.positions, drift_coef=args.drift_coef,
-                         gram_coef=args.gram_coef, backend=args.backend, layers_path=args.layers_path)
+    guard = RefusalGuard(
+        model,
+        basis,
+        positions=args.positions,
+        drift_coef=args.drift_coef,
+        gram_coef=args.gram_coef,
+        backend=args.backend,
+        layers_path=args.layers_path,
+    )
     if args.anchors == "cached":
         with training_args.main_process_first(desc="caching anchors"):
             tokenized = add_cached_anchors(
-                tokenized, model, guard, batch_size=args.anchor_batch_size or args.batch_size,
-                autocast_dtype=training_autocast_dtype(training_args), show_progress=not args.quiet,
+                tokenized,
+                model,
+                guard,
+                batch_size=args.anchor_batch_size or args.batch_size,
+                autocast_dtype=training_autocast_dtype(training_args),
+                show_progress=not args.quiet,
             )
 
     trainer = RefusalGuardTrainer(
-        model=model, args=training_args, train_dataset=tokenized, processing_class=tokenizer, guard=guard,
-        anchors=args.anchors, warmup_steps=args.warmup_steps, warmup_multiplier=args.warmup_multiplier,
+        model=model,
+        args=training_args,
+        train_dataset=tokenized,
+        processing_class=tokenizer,
+        guard=guard,
+        anchors=args.anchors,
+        warmup_steps=args.warmup_steps,
+        warmup_multiplier=args.warmup_multiplier,
         warmup_schedule=args.warmup_schedule,
     )
     if training_args.should_save and not args.quiet:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        print(f"training {n_params:,} LoRA parameters on {len(tokenized)} examples; guard on layers {guard.layers} "
-              f"(k={guard.k}, positions={args.positions}, anchors={args.anchors})")
+        print(
+            f"training {n_params:,} LoRA parameters on {len(tokenized)} examples; guard on layers {guard.layers} "
+            f"(k={guard.k}, positions={args.positions}, anchors={args.anchors})"
+        )
     trainer.train()
     trainer.save_model(args.output_dir)
     guard.remove()

@@ -42,7 +42,7 @@ _SOURCES = ("refusalguard_penalty.cu", "bindings.cpp")
 BUILD_HINT = (
     "Build it at install time with `REFUSALGUARD_BUILD_CUDA=1 pip install --no-build-isolation -e .` "
     "(needs a CUDA build of torch and a CUDA toolkit whose nvcc matches torch.version.cuda), or just in time "
-    "with `python -c \"import refusalguard_kernels.ops.cuda_penalty as c; c.build_jit()\"` "
+    'with `python -c "import refusalguard_kernels.ops.cuda_penalty as c; c.build_jit()"` '
     f"(or set {JIT_ENV}=1 to build on first use)."
 )
 
@@ -167,10 +167,7 @@ def build_jit(verbose: bool = False) -> None:
     global _load_state
     with _lock:
         _build_jit_locked(verbose)
-        _load_state = None
-    from .. import backends
-
-    backends.refresh()  # available_backends() caches its answer
+        _load_state = None  # available_backends() reads this state, so it sees the new build
 
 
 def _ops():

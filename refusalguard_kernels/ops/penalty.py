@@ -12,8 +12,6 @@ weights, the basis and the (2 + k*k) state written by the forward.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -82,7 +80,7 @@ def loss_forward_op(
     hidden: Tensor,
     basis: Tensor,
     anchors: Tensor,
-    weight: Optional[Tensor],
+    weight: Tensor | None,
     drift_coef: float,
     gram_coef: float,
     backend: str,
@@ -101,11 +99,11 @@ def _(hidden, basis, anchors, weight, drift_coef, gram_coef, backend):
 
 @torch.library.custom_op(f"{_NS}::loss_backward", mutates_args=())
 def loss_backward_op(
-    grad_in: Optional[Tensor],
+    grad_in: Tensor | None,
     grad_loss: Tensor,
     coords: Tensor,
     anchors: Tensor,
-    weight: Optional[Tensor],
+    weight: Tensor | None,
     state: Tensor,
     basis: Tensor,
     hidden_shape: list[int],
@@ -138,8 +136,17 @@ def _loss_setup(ctx, inputs, output):
 def _loss_backward(ctx, grad_coords, grad_loss, grad_state):
     coords, anchors, weight, state, basis = ctx.saved_tensors
     grad_hidden = loss_backward_op(
-        None, grad_loss, coords, anchors, weight, state, basis,
-        ctx.hidden_shape, ctx.hidden_dtype, ctx.gram_coef, ctx.backend,
+        None,
+        grad_loss,
+        coords,
+        anchors,
+        weight,
+        state,
+        basis,
+        ctx.hidden_shape,
+        ctx.hidden_dtype,
+        ctx.gram_coef,
+        ctx.backend,
     )
     return grad_hidden, None, None, None, None, None, None
 
@@ -171,7 +178,16 @@ class GuardFunction(torch.autograd.Function):
             return grad_out, None, None, None, None, None, None
         coords, anchors, weight, state, basis = ctx.saved_tensors
         grad_hidden = loss_backward_op(
-            grad_out, grad_loss, coords, anchors, weight, state, basis,
-            ctx.hidden_shape, ctx.hidden_dtype, ctx.gram_coef, ctx.backend,
+            grad_out,
+            grad_loss,
+            coords,
+            anchors,
+            weight,
+            state,
+            basis,
+            ctx.hidden_shape,
+            ctx.hidden_dtype,
+            ctx.gram_coef,
+            ctx.backend,
         )
         return grad_hidden, None, None, None, None, None, None

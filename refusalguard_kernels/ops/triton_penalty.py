@@ -40,6 +40,7 @@ from torch import Tensor
 
 from .layout import interpreting, new_output, padded_k, persistent_programs, row_layout
 
+
 class TileConfig(NamedTuple):
     block_n: int  # rows per tile
     block_d_half: int  # columns per tile for 2-byte hidden
@@ -74,8 +75,15 @@ def _half_dot(a, b, acc, UPCAST: tl.constexpr):
 
 @triton.jit
 def _split_basis_kernel(
-    B, HI, LO, d, k, s_row, s_col,
-    BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    B,
+    HI,
+    LO,
+    d,
+    k,
+    s_row,
+    s_col,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """HI = round(B), LO = round(B - HI) in HI's dtype; element (j, c) of the (d, k)
     fp32 basis goes to HI + j * s_row + c * s_col (columns c >= k are written as 0)."""
@@ -92,12 +100,34 @@ def _split_basis_kernel(
 
 @triton.jit
 def _penalty_fwd_kernel(
-    H, B, B_HI, B_LO, A, WT, Z, PART,
-    N, d, k, n1, s_h0, s_h1, s_hd,
-    num_row_blocks, part_width,
-    SPLIT_BASIS: tl.constexpr, COMPUTE_LOSS: tl.constexpr, HAS_WEIGHT: tl.constexpr, GRAM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    H,
+    B,
+    B_HI,
+    B_LO,
+    A,
+    WT,
+    Z,
+    PART,
+    N,
+    d,
+    k,
+    n1,
+    s_h0,
+    s_h1,
+    s_hd,
+    num_row_blocks,
+    part_width,
+    SPLIT_BASIS: tl.constexpr,
+    COMPUTE_LOSS: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    GRAM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     """Z_t = sum_j H_tj B_j (fp32) and per-program partials
     W_p = sum w_t,  drift_p = sum w_t ||Z_t - A_t||^2,  D_p = sum w_t (Z_t Z_t^T - A_t A_t^T)
@@ -179,8 +209,15 @@ def _penalty_fwd_kernel(
 
 @triton.jit
 def _penalty_finalize_kernel(
-    PART, LOSS, STATE, P, part_width, drift_coef, gram_coef,
-    BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr,
+    PART,
+    LOSS,
+    STATE,
+    P,
+    part_width,
+    drift_coef,
+    gram_coef,
+    BLOCK_P: tl.constexpr,
+    BLOCK_E: tl.constexpr,
 ):
     """Sum the P partial rows in a fixed order, then
     loss = drift_coef * drift / W + gram_coef * ||D / W||_F^2  (0 when W == 0),
@@ -205,13 +242,36 @@ def _penalty_finalize_kernel(
 
 @triton.jit
 def _penalty_bwd_kernel(
-    GIN, GOUT, Z, A, WT, STATE, GLOSS, B, BT_HI, BT_LO,
-    N, d, k, n1, s_g0, s_g1, s_gd,
+    GIN,
+    GOUT,
+    Z,
+    A,
+    WT,
+    STATE,
+    GLOSS,
+    B,
+    BT_HI,
+    BT_LO,
+    N,
+    d,
+    k,
+    n1,
+    s_g0,
+    s_g1,
+    s_gd,
     num_row_blocks,
-    DZ_GIVEN: tl.constexpr, HAS_GRAD_IN: tl.constexpr, HAS_WEIGHT: tl.constexpr, GRAM: tl.constexpr,
+    DZ_GIVEN: tl.constexpr,
+    HAS_GRAD_IN: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    GRAM: tl.constexpr,
     SPLIT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, NUM_STAGES: tl.constexpr,
-    EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
 ):
     """GOUT_t = GIN_t + s * dZ_t B^T, where (unless DZ_GIVEN, when Z holds dZ itself)
     dZ_t = w_t (c1 (Z_t - A_t) + c2 (G - G_A) Z_t),  s = grad of the loss, and
@@ -224,7 +284,9 @@ def _penalty_bwd_kernel(
         c2 = tl.load(STATE + 1)
         s = tl.load(GLOSS).to(tl.float32)
         if GRAM:
-            m = tl.load(STATE + 2 + offs_k[:, None] * k + offs_k[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0)
+            m = tl.load(
+                STATE + 2 + offs_k[:, None] * k + offs_k[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0
+            )
     for rb in range(pid, num_row_blocks, tl.num_programs(0)):
         rows = (rb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets from here on
         rmask = rows < N
@@ -316,7 +378,15 @@ def _split_basis(basis: Tensor, dtype: torch.dtype, transposed: bool) -> tuple[T
     lo = new_output(shape, dtype, basis.device)
     s_row, s_col = (1, d) if transposed else (K, 1)
     _split_basis_kernel[(triton.cdiv(d, SPLIT_BLOCK_D),)](
-        basis, hi, lo, d, k, s_row, s_col, BLOCK_D=SPLIT_BLOCK_D, BLOCK_K=K,
+        basis,
+        hi,
+        lo,
+        d,
+        k,
+        s_row,
+        s_col,
+        BLOCK_D=SPLIT_BLOCK_D,
+        BLOCK_K=K,
         num_warps=4,
     )
     if key is not None:
@@ -341,15 +411,35 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
     split = hidden.dtype != torch.float32
     b_hi, b_lo = _split_basis(basis, hidden.dtype, transposed=False) if split else (basis, basis)
     _penalty_fwd_kernel[(programs,)](
-        lay.tensor, basis, b_hi, b_lo, anchors if compute_loss else coords, weight if weight is not None else coords,
-        coords, partials,
-        N, d, k, lay.n1, lay.stride0, lay.stride1, lay.stride_col,
-        row_blocks, part_width,
-        SPLIT_BASIS=split, COMPUTE_LOSS=compute_loss,
-        HAS_WEIGHT=weight is not None, GRAM=gram,
-        BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_K=padded_k(k), NUM_STAGES=cfg.num_stages,
-        EVEN_N=N % cfg.block_n == 0, EVEN_D=d % block_d == 0,
-        UPCAST_DOT=interpreting(), num_warps=cfg.num_warps,
+        lay.tensor,
+        basis,
+        b_hi,
+        b_lo,
+        anchors if compute_loss else coords,
+        weight if weight is not None else coords,
+        coords,
+        partials,
+        N,
+        d,
+        k,
+        lay.n1,
+        lay.stride0,
+        lay.stride1,
+        lay.stride_col,
+        row_blocks,
+        part_width,
+        SPLIT_BASIS=split,
+        COMPUTE_LOSS=compute_loss,
+        HAS_WEIGHT=weight is not None,
+        GRAM=gram,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d,
+        BLOCK_K=padded_k(k),
+        NUM_STAGES=cfg.num_stages,
+        EVEN_N=N % cfg.block_n == 0,
+        EVEN_D=d % block_d == 0,
+        UPCAST_DOT=interpreting(),
+        num_warps=cfg.num_warps,
     )
     if not compute_loss:
         return coords, None, None
@@ -359,8 +449,16 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
     # As many partial rows per load as fit in FINALIZE_TILE elements: usually all of them in one go.
     block_p = max(1, min(triton.next_power_of_2(programs), FINALIZE_TILE // block_e))
     _penalty_finalize_kernel[(1,)](
-        partials, loss, state, programs, part_width, float(drift_coef), float(gram_coef),
-        BLOCK_P=block_p, BLOCK_E=block_e, num_warps=FINALIZE_WARPS,
+        partials,
+        loss,
+        state,
+        programs,
+        part_width,
+        float(drift_coef),
+        float(gram_coef),
+        BLOCK_P=block_p,
+        BLOCK_E=block_e,
+        num_warps=FINALIZE_WARPS,
     )
     return coords, loss, state
 
@@ -374,7 +472,9 @@ def loss_forward(hidden: Tensor, basis: Tensor, anchors: Tensor, weight, drift_c
     return _forward(hidden, basis, anchors, weight, drift_coef, gram_coef, compute_loss=True)
 
 
-def _backward(grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_shape, hidden_dtype, gram_coef, dz_given):
+def _backward(
+    grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_shape, hidden_dtype, gram_coef, dz_given
+):
     N, k = coords.shape
     d = hidden_shape[-1]
     device = coords.device
@@ -396,15 +496,37 @@ def _backward(grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_
     split = hidden_dtype != torch.float32
     bt_hi, bt_lo = _split_basis(basis, torch.bfloat16, transposed=True) if split else (basis, basis)
     _penalty_bwd_kernel[(programs,)](
-        gin, kernel_out, coords, anchors if anchors is not None else dummy, weight if weight is not None else dummy,
-        state if state is not None else dummy, grad_loss if grad_loss is not None else dummy, basis, bt_hi, bt_lo,
-        N, d, k, n1, s0, s1, sd,
+        gin,
+        kernel_out,
+        coords,
+        anchors if anchors is not None else dummy,
+        weight if weight is not None else dummy,
+        state if state is not None else dummy,
+        grad_loss if grad_loss is not None else dummy,
+        basis,
+        bt_hi,
+        bt_lo,
+        N,
+        d,
+        k,
+        n1,
+        s0,
+        s1,
+        sd,
         row_blocks,
-        DZ_GIVEN=dz_given, HAS_GRAD_IN=grad_in is not None, HAS_WEIGHT=weight is not None,
-        GRAM=(not dz_given) and gram_coef != 0.0, SPLIT=split,
-        BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_K=padded_k(k), NUM_STAGES=cfg.num_stages,
-        EVEN_N=N % cfg.block_n == 0, EVEN_D=d % block_d == 0,
-        UPCAST_DOT=interpreting(), num_warps=cfg.num_warps,
+        DZ_GIVEN=dz_given,
+        HAS_GRAD_IN=grad_in is not None,
+        HAS_WEIGHT=weight is not None,
+        GRAM=(not dz_given) and gram_coef != 0.0,
+        SPLIT=split,
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d,
+        BLOCK_K=padded_k(k),
+        NUM_STAGES=cfg.num_stages,
+        EVEN_N=N % cfg.block_n == 0,
+        EVEN_D=d % block_d == 0,
+        UPCAST_DOT=interpreting(),
+        num_warps=cfg.num_warps,
     )
     if emulate_rounding:
         out.copy_(kernel_out)
@@ -412,7 +534,9 @@ def _backward(grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_
 
 
 def loss_backward(grad_in, grad_loss, coords, anchors, weight, state, basis, hidden_shape, hidden_dtype, gram_coef):
-    return _backward(grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_shape, hidden_dtype, gram_coef, False)
+    return _backward(
+        grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_shape, hidden_dtype, gram_coef, False
+    )
 
 
 def project_backward(grad_coords: Tensor, basis: Tensor, hidden_shape, hidden_dtype) -> Tensor:

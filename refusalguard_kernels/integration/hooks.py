@@ -45,10 +45,11 @@ import re
 import torch
 from torch import Tensor, nn
 
-from .backends import BACKENDS
+from ..backends import BACKENDS
+from ..functional import guard as guard_op
+from ..functional import project
+from ..validation import check_values
 from .basis import RefusalBasis
-from .functional import guard as guard_op
-from .functional import project
 from .model_utils import (
     _autocast_off,
     _StopForward,
@@ -58,7 +59,6 @@ from .model_utils import (
     replace_layer_hidden,
     unwrap_model,
 )
-from .validation import check_values
 
 __all__ = ["RefusalGuard", "GUARD_BATCH_KEYS", "parse_positions"]
 
@@ -506,8 +506,10 @@ class RefusalGuard:
                     if self._stop_early and layer == self._last_layer:
                         raise _StopForward  # nothing above this layer is needed
                 return None
-            if not torch.is_grad_enabled() and module.training and (
-                getattr(module, "gradient_checkpointing", False) or _checkpointing_on(self._bare)
+            if (
+                not torch.is_grad_enabled()
+                and module.training
+                and (getattr(module, "gradient_checkpointing", False) or _checkpointing_on(self._bare))
             ):
                 raise RuntimeError(
                     "RefusalGuard is armed in a training forward that runs without autograd, as reentrant gradient "
@@ -529,8 +531,14 @@ class RefusalGuard:
                 weight = weight.to(hidden.device)
             with autocast_off:
                 hidden_out, loss = guard_op(
-                    hidden, basis, anchors.to(hidden.device), weight,
-                    drift_coef=self.drift_coef, gram_coef=self.gram_coef, backend=self.backend, validate=False,
+                    hidden,
+                    basis,
+                    anchors.to(hidden.device),
+                    weight,
+                    drift_coef=self.drift_coef,
+                    gram_coef=self.gram_coef,
+                    backend=self.backend,
+                    validate=False,
                 )
             if not recomputing:
                 if layer == self._first_layer:
@@ -552,7 +560,7 @@ class RefusalGuard:
         self._mode = None
         self._anchors, self._weight, self._losses, self._captured = {}, None, {}, {}
 
-    def __enter__(self) -> "RefusalGuard":
+    def __enter__(self) -> RefusalGuard:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -32,8 +32,13 @@ IGNORE_INDEX = -100
 #: local file types and the ``datasets`` builder that reads each.
 DATA_FILE_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".txt": "text", ".parquet": "parquet"}
 #: (prompt, response) column names recognised when no field is given, in order.
-FIELD_PAIRS = (("prompt", "response"), ("prompt", "completion"), ("instruction", "output"),
-               ("question", "answer"), ("input", "output"))
+FIELD_PAIRS = (
+    ("prompt", "response"),
+    ("prompt", "completion"),
+    ("instruction", "output"),
+    ("question", "answer"),
+    ("input", "output"),
+)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -68,7 +73,9 @@ def load_training_dataset(source, *, split: str = "train", config_name: str | No
             raise ValueError(f"the DatasetDict has no split {split!r}; its splits are {list(source)}")
         return source[split]
     if not isinstance(source, (str, os.PathLike)):
-        raise TypeError(f"dataset source must be a path, a dataset name or a datasets.Dataset; got {type(source).__name__}")
+        raise TypeError(
+            f"dataset source must be a path, a dataset name or a datasets.Dataset; got {type(source).__name__}"
+        )
     source = os.fspath(source)
     path = Path(source).expanduser()
     try:
@@ -148,7 +155,7 @@ def _chat_split(tokenizer, prompt: str, response: str) -> tuple[str, str, bool]:
     prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
     if isinstance(full_text, str) and full_text.startswith(prompt_text):
-        return prompt_text, full_text[len(prompt_text):], True
+        return prompt_text, full_text[len(prompt_text) :], True
     # Templates whose full conversation does not extend the generation prompt: keep the
     # generation prompt and append the raw response (the EOS is added by the caller).
     return prompt_text, response, False
@@ -183,7 +190,7 @@ def tokenize_dataset(
         batch_size: rows per tokenizer call inside ``datasets.map``.
         show_progress: the ``datasets.map`` progress bar.
     """
-    from .model_utils import has_chat_template
+    from ..integration.model_utils import has_chat_template
 
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an int >= 2; got {max_length!r}")

@@ -4,7 +4,7 @@ without RefusalGuard, and an honest report.
 Steps (all on the CPU, offline, seeded):
 
 1. Build the organism: a small Llama model trained from scratch on the package's synthetic
-   corpus (``refusalguard_kernels.organism``): it refuses harmful requests, helps with benign
+   corpus (``refusalguard_kernels.demo.organism``): it refuses harmful requests, helps with benign
    ones and solves short arithmetic word problems.
 2. Measure the base model on held-out phrasings: refusal rate on harmful prompts,
    over-refusal on benign prompts, arithmetic accuracy.
@@ -84,30 +84,24 @@ class DemoConfig:
 
 
 def _training_args(scratch: str, cfg: DemoConfig, n_rows: int):
-    from transformers import TrainingArguments
+    from .organism.model import cpu_training_args
 
     steps = max(1, math.ceil(cfg.epochs * math.ceil(n_rows / cfg.batch_size)))
-    return TrainingArguments(
-        output_dir=scratch,
-        max_steps=steps,
-        per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
-        lr_scheduler_type="constant",
-        seed=cfg.seed,
-        data_seed=cfg.seed,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        logging_strategy="steps",
-        logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
+    return cpu_training_args(
+        scratch, max_steps=steps, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate, seed=cfg.seed
     )
 
 
-def _finetune(base_model, tokenizer, conversations, cfg: DemoConfig, *, basis=None, coef: float | None = None,
-              desc: str = "fine-tuning") -> tuple[torch.nn.Module, dict]:
+def _finetune(
+    base_model,
+    tokenizer,
+    conversations,
+    cfg: DemoConfig,
+    *,
+    basis=None,
+    coef: float | None = None,
+    desc: str = "fine-tuning",
+) -> tuple[torch.nn.Module, dict]:
     """LoRA-fine-tune a copy of ``base_model``: plain (coef None) or with the guard at ``coef``."""
     import shutil
 
@@ -115,22 +109,28 @@ def _finetune(base_model, tokenizer, conversations, cfg: DemoConfig, *, basis=No
     from peft import LoraConfig, get_peft_model
     from transformers import Trainer
 
-    from .data_utils import tokenize_dataset
-    from .hooks import RefusalGuard
+    from ..integration.hooks import RefusalGuard
+    from ..training.data_utils import tokenize_dataset
+    from ..training.trainer import RefusalGuardTrainer
     from .organism.model import ConversationCollator, TqdmCallback
-    from .trainer import RefusalGuardTrainer
 
     # Same adapter init for every run on this data: the comparison isolates the guard.
     torch.manual_seed(cfg.seed)
     with warnings.catch_warnings():
         # peft 0.21 reads a transformers attribute deprecated in 5.x; nothing the demo user can act on.
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(copy.deepcopy(base_model), LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules="all-linear",
-            task_type="CAUSAL_LM"))
+        model = get_peft_model(
+            copy.deepcopy(base_model),
+            LoraConfig(
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=0.0,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            ),
+        )
     rows = Dataset.from_list([{"prompt": c.prompt, "response": c.response} for c in conversations])
-    dataset = tokenize_dataset(rows, tokenizer, prompt_field="prompt", response_field="response",
-                               show_progress=False)
+    dataset = tokenize_dataset(rows, tokenizer, prompt_field="prompt", response_field="response", show_progress=False)
     scratch = tempfile.mkdtemp(prefix="refusalguard_demo_ft_")
     progress = TqdmCallback(desc, enabled=cfg.show_progress)
     collator = ConversationCollator(tokenizer.pad_token_id)
@@ -141,8 +141,15 @@ def _finetune(base_model, tokenizer, conversations, cfg: DemoConfig, *, basis=No
             trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
         else:
             guard = RefusalGuard(model, basis, positions=cfg.guard_positions, drift_coef=coef)
-            trainer = RefusalGuardTrainer(model=model, args=args, train_dataset=dataset, data_collator=collator,
-                                          processing_class=tokenizer, guard=guard, save_basis=False)
+            trainer = RefusalGuardTrainer(
+                model=model,
+                args=args,
+                train_dataset=dataset,
+                data_collator=collator,
+                processing_class=tokenizer,
+                guard=guard,
+                save_basis=False,
+            )
         progress.install(trainer)
         start = time.perf_counter()
         trainer.train()
@@ -173,12 +180,25 @@ def _finetune(base_model, tokenizer, conversations, cfg: DemoConfig, *, basis=No
 
 def _measure(model, tokenizer, corpus, cfg: DemoConfig) -> tuple[dict, dict]:
     """(metrics, generations) on the held-out sets."""
-    from .evaluation import evaluate_refusal, task_accuracy
+    from ..evaluation.generation import evaluate_refusal, task_accuracy
 
-    refusal = evaluate_refusal(model, tokenizer, corpus.heldout_harmful, corpus.heldout_benign,
-                               max_new_tokens=cfg.max_new_tokens, batch_size=64, show_progress=cfg.show_progress)
-    task = task_accuracy(model, tokenizer, corpus.heldout_arithmetic, max_new_tokens=cfg.max_new_tokens,
-                         batch_size=64, show_progress=cfg.show_progress)
+    refusal = evaluate_refusal(
+        model,
+        tokenizer,
+        corpus.heldout_harmful,
+        corpus.heldout_benign,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=64,
+        show_progress=cfg.show_progress,
+    )
+    task = task_accuracy(
+        model,
+        tokenizer,
+        corpus.heldout_arithmetic,
+        max_new_tokens=cfg.max_new_tokens,
+        batch_size=64,
+        show_progress=cfg.show_progress,
+    )
     metrics = {
         "refusal_rate": refusal["refusal_rate"],
         "attack_success_rate": refusal["attack_success_rate"],
@@ -188,8 +208,11 @@ def _measure(model, tokenizer, corpus, cfg: DemoConfig) -> tuple[dict, dict]:
         "n_benign": refusal["n_benign"],
         "n_task": task["n"],
     }
-    return metrics, {"harmful": refusal["samples"]["harmful"], "benign": refusal["samples"]["benign"],
-                     "task": task["samples"]}
+    return metrics, {
+        "harmful": refusal["samples"]["harmful"],
+        "benign": refusal["samples"]["benign"],
+        "task": task["samples"],
+    }
 
 
 def verdict(row: dict, plain: dict, base: dict, *, margin: float = 0.05) -> str:
@@ -229,8 +252,8 @@ def _stage(cfg: DemoConfig, text: str) -> None:
 
 def run_demo(cfg: DemoConfig) -> dict:
     """Run the whole demo; returns the report (also written to ``cfg.output_dir``)."""
-    from .basis import extract_refusal_basis
-    from .diagnostics import compare_geometry, model_geometry
+    from ..evaluation.diagnostics import compare_geometry, model_geometry
+    from ..integration.basis import extract_refusal_basis
     from .organism import PRESETS, OrganismConfig, build_corpus, build_organism, load_organism, save_organism
 
     threads = torch.get_num_threads()
@@ -247,17 +270,26 @@ def run_demo(cfg: DemoConfig) -> dict:
             model, tokenizer = load_organism(cfg.organism)
             with open(os.path.join(cfg.organism, "organism_config.json")) as f:
                 org_cfg = OrganismConfig(**json.load(f))
-            corpus = build_corpus(seed=org_cfg.seed, n_train=org_cfg.n_train, n_eval=org_cfg.n_eval,
-                                  **org_cfg.corpus_kwargs)
+            corpus = build_corpus(
+                seed=org_cfg.seed, n_train=org_cfg.n_train, n_eval=org_cfg.n_eval, **org_cfg.corpus_kwargs
+            )
             organism_dir = cfg.organism
             org_loss = None
         else:
             org_cfg = copy.deepcopy(PRESETS["quick" if cfg.quick else "full"])
             org_cfg.seed = cfg.seed
-            _stage(cfg, f"[1/5] training the model organism from scratch (Llama, hidden {org_cfg.hidden_size}, "
-                        f"{org_cfg.num_layers} layers, {org_cfg.n_train} conversations)")
+            _stage(
+                cfg,
+                f"[1/5] training the model organism from scratch (Llama, hidden {org_cfg.hidden_size}, "
+                f"{org_cfg.num_layers} layers, {org_cfg.n_train} conversations)",
+            )
             organism = build_organism(org_cfg, show_progress=cfg.show_progress)
-            model, tokenizer, corpus, org_loss = organism.model, organism.tokenizer, organism.corpus, organism.train_loss
+            model, tokenizer, corpus, org_loss = (
+                organism.model,
+                organism.tokenizer,
+                organism.corpus,
+                organism.train_loss,
+            )
             save_organism(organism, organism_dir)
         model.eval()
         timings["organism"] = time.perf_counter() - tick
@@ -273,42 +305,65 @@ def run_demo(cfg: DemoConfig) -> dict:
         n_layers = model.config.num_hidden_layers
         layers = list(range(n_layers)) if cfg.layers is None else cfg.layers
         _stage(cfg, f"[3/5] extracting the refusal cone (k={cfg.k}, layers {layers})")
-        basis = extract_refusal_basis(model, tokenizer, corpus.extraction_harmful, corpus.extraction_harmless,
-                                      layers=layers, k=cfg.k, method="dim" if cfg.k == 1 else "svd",
-                                      positions=cfg.basis_positions, show_progress=cfg.show_progress)
+        basis = extract_refusal_basis(
+            model,
+            tokenizer,
+            corpus.extraction_harmful,
+            corpus.extraction_harmless,
+            layers=layers,
+            k=cfg.k,
+            method="dim" if cfg.k == 1 else "svd",
+            positions=cfg.basis_positions,
+            show_progress=cfg.show_progress,
+        )
         layers = basis.layers
         basis_path = str(basis.save(os.path.join(cfg.output_dir, "refusal_basis.safetensors")))
-        geometry_kw = dict(layers=layers, k=cfg.k, positions=cfg.basis_positions, batch_size=32,
-                           show_progress=False)
-        base_geometry = model_geometry(model, tokenizer, corpus.heldout_harmful, corpus.heldout_benign,
-                                       **geometry_kw)
+        geometry_kw = dict(layers=layers, k=cfg.k, positions=cfg.basis_positions, batch_size=32, show_progress=False)
+        base_geometry = model_geometry(model, tokenizer, corpus.heldout_harmful, corpus.heldout_benign, **geometry_kw)
         timings["extract"] = time.perf_counter() - tick
 
         # 4. fine-tunes -------------------------------------------------------------------------
         tick = time.perf_counter()
         sets = {"harmful": corpus.harmful_finetune, "benign": corpus.benign_finetune}
         runs = [(name, coef) for name in cfg.finetunes for coef in [None, *cfg.coefs]]
-        _stage(cfg, f"[4/5] LoRA fine-tuning: {len(runs)} runs (plain and guard coefficients {cfg.coefs} on "
-                    f"{' and '.join(cfg.finetunes)} data)")
+        _stage(
+            cfg,
+            f"[4/5] LoRA fine-tuning: {len(runs)} runs (plain and guard coefficients {cfg.coefs} on "
+            f"{' and '.join(cfg.finetunes)} data)",
+        )
         rows = []
         generations = {"base": base_generations}
         for i, (name, coef) in enumerate(runs, 1):
             method = "plain LoRA" if coef is None else "guarded"
             label = f"{name} FT, {method}" + ("" if coef is None else f" c={coef:g}")
-            tuned, info = _finetune(model, tokenizer, sets[name], cfg, basis=basis, coef=coef,
-                                    desc=f"({i}/{len(runs)}) {label}")
+            tuned, info = _finetune(
+                model, tokenizer, sets[name], cfg, basis=basis, coef=coef, desc=f"({i}/{len(runs)}) {label}"
+            )
             metrics, gens = _measure(tuned, tokenizer, corpus, cfg)
-            report = compare_geometry(base_geometry, model_geometry(tuned, tokenizer, corpus.heldout_harmful,
-                                                                    corpus.heldout_benign, **geometry_kw))
-            rows.append({"finetune": name, "method": method, "coef": coef, **metrics, **info,
-                         "drift": {r["layer"]: r["coord_shift"][0] for r in report["per_layer"]},
-                         "diagnostics": report["per_layer"]})
+            report = compare_geometry(
+                base_geometry,
+                model_geometry(tuned, tokenizer, corpus.heldout_harmful, corpus.heldout_benign, **geometry_kw),
+            )
+            rows.append(
+                {
+                    "finetune": name,
+                    "method": method,
+                    "coef": coef,
+                    **metrics,
+                    **info,
+                    "drift": {r["layer"]: r["coord_shift"][0] for r in report["per_layer"]},
+                    "diagnostics": report["per_layer"],
+                }
+            )
             generations[label] = gens
             slug = f"{name}_plain" if coef is None else f"{name}_guard_c{coef:g}"
             rows[-1]["adapter"] = _save_adapter(tuned, os.path.join(cfg.output_dir, "adapters", slug))
             if cfg.show_progress:
-                print(f"      {label}: refusal {metrics['refusal_rate']:.2f}, over-refusal "
-                      f"{metrics['over_refusal']:.2f}, task {metrics['task_accuracy']:.2f}", flush=True)
+                print(
+                    f"      {label}: refusal {metrics['refusal_rate']:.2f}, over-refusal "
+                    f"{metrics['over_refusal']:.2f}, task {metrics['task_accuracy']:.2f}",
+                    flush=True,
+                )
             del tuned
         timings["finetunes"] = time.perf_counter() - tick
 
@@ -324,14 +379,26 @@ def run_demo(cfg: DemoConfig) -> dict:
         timings["total"] = time.perf_counter() - t_start
         report = {
             "config": asdict(cfg),
-            "organism": {**asdict(org_cfg), "path": organism_dir, "train_loss": org_loss,
-                         "n_params": sum(p.numel() for p in model.parameters())},
-            "basis": {"path": basis_path, "layers": layers, "k": basis.k, "positions": cfg.basis_positions,
-                      "separation": basis.metadata.get("separation"),
-                      "explained_share": basis.metadata.get("explained_share")},
-            "eval_sets": {"harmful": len(corpus.heldout_harmful), "benign": len(corpus.heldout_benign),
-                          "task": len(corpus.heldout_arithmetic),
-                          "note": "held-out phrasings (templates not seen in training)"},
+            "organism": {
+                **asdict(org_cfg),
+                "path": organism_dir,
+                "train_loss": org_loss,
+                "n_params": sum(p.numel() for p in model.parameters()),
+            },
+            "basis": {
+                "path": basis_path,
+                "layers": layers,
+                "k": basis.k,
+                "positions": cfg.basis_positions,
+                "separation": basis.metadata.get("separation"),
+                "explained_share": basis.metadata.get("explained_share"),
+            },
+            "eval_sets": {
+                "harmful": len(corpus.heldout_harmful),
+                "benign": len(corpus.heldout_benign),
+                "task": len(corpus.heldout_arithmetic),
+                "note": "held-out phrasings (templates not seen in training)",
+            },
             "base": {**base_metrics, "drift": {layer: 0.0 for layer in layers}},
             "rows": rows,
             "timings_seconds": timings,
@@ -344,8 +411,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         table = format_demo_table(report)
         with open(os.path.join(cfg.output_dir, "table.txt"), "w") as f:
             f.write(table + "\n")
-        report["files"] = {name: os.path.join(cfg.output_dir, name)
-                           for name in ("report.json", "generations.json", "demo.png", "table.txt")}
+        report["files"] = {
+            name: os.path.join(cfg.output_dir, name)
+            for name in ("report.json", "generations.json", "demo.png", "table.txt")
+        }
         report["files"]["organism"] = organism_dir
         report["files"]["adapters"] = os.path.join(cfg.output_dir, "adapters")
         report["files"]["basis"] = basis_path
@@ -392,25 +461,51 @@ def _write_json(path: str, data) -> None:
 def format_demo_table(report: dict) -> str:
     """The terminal table: base, plain LoRA and guarded rows, per-layer drift, verdict."""
     layers = report["basis"]["layers"]
-    head = ["fine-tune", "method", "coef", "refusal", "over-refusal", "task acc", "FT loss",
-            "drift " + "/".join(f"L{i}" for i in layers), "verdict vs plain LoRA"]
+    head = [
+        "fine-tune",
+        "method",
+        "coef",
+        "refusal",
+        "over-refusal",
+        "task acc",
+        "FT loss",
+        "drift " + "/".join(f"L{i}" for i in layers),
+        "verdict vs plain LoRA",
+    ]
 
     def drift_text(drift):
         return "/".join(f"{drift[i] if i in drift else drift[str(i)]:+.1f}" for i in layers)
 
     base = report["base"]
-    lines = [["-", "base", "-", f"{base['refusal_rate']:.2f}", f"{base['over_refusal']:.2f}",
-              f"{base['task_accuracy']:.2f}", "-", drift_text(base["drift"]), ""]]
+    lines = [
+        [
+            "-",
+            "base",
+            "-",
+            f"{base['refusal_rate']:.2f}",
+            f"{base['over_refusal']:.2f}",
+            f"{base['task_accuracy']:.2f}",
+            "-",
+            drift_text(base["drift"]),
+            "",
+        ]
+    ]
     for row in report["rows"]:
-        lines.append([
-            row["finetune"], row["method"], "-" if row["coef"] is None else f"{row['coef']:g}",
-            f"{row['refusal_rate']:.2f}", f"{row['over_refusal']:.2f}", f"{row['task_accuracy']:.2f}",
-            "-" if row["final_task_loss"] is None else f"{row['final_task_loss']:.3f}",
-            drift_text(row["drift"]), row["verdict"],
-        ])
+        lines.append(
+            [
+                row["finetune"],
+                row["method"],
+                "-" if row["coef"] is None else f"{row['coef']:g}",
+                f"{row['refusal_rate']:.2f}",
+                f"{row['over_refusal']:.2f}",
+                f"{row['task_accuracy']:.2f}",
+                "-" if row["final_task_loss"] is None else f"{row['final_task_loss']:.3f}",
+                drift_text(row["drift"]),
+                row["verdict"],
+            ]
+        )
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(),
-           "  ".join("-" * w for w in widths)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines]
     n = report["eval_sets"]
     out.append(
@@ -436,9 +531,11 @@ def plot_demo(report: dict, path: str) -> str:
         plain = next(r for r in rows if r["coef"] is None)
         guarded = sorted((r for r in rows if r["coef"] is not None), key=lambda r: r["coef"])
         coefs = [r["coef"] for r in guarded]
-        for key, color, label in (("refusal_rate", "tab:red", "refusal rate"),
-                                  ("task_accuracy", "tab:blue", "task accuracy"),
-                                  ("over_refusal", "tab:grey", "over-refusal")):
+        for key, color, label in (
+            ("refusal_rate", "tab:red", "refusal rate"),
+            ("task_accuracy", "tab:blue", "task accuracy"),
+            ("over_refusal", "tab:grey", "over-refusal"),
+        ):
             ax.plot(coefs, [r[key] for r in guarded], "o-", color=color, label=f"{label}, guarded")
             ax.axhline(plain[key], color=color, ls="--", lw=1.2, label=f"{label}, plain LoRA")
             ax.axhline(base[key], color=color, ls=":", lw=1.0, label=f"{label}, base model")
@@ -454,8 +551,12 @@ def plot_demo(report: dict, path: str) -> str:
     for row in report["rows"]:
         label = f"{row['finetune']} {'plain' if row['coef'] is None else 'c=' + format(row['coef'], 'g')}"
         drift = row["drift"]
-        ax.plot(layers, [drift[i] if i in drift else drift[str(i)] for i in layers],
-                "--" if row["coef"] is None else "o-", label=label)
+        ax.plot(
+            layers,
+            [drift[i] if i in drift else drift[str(i)] for i in layers],
+            "--" if row["coef"] is None else "o-",
+            label=label,
+        )
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xticks(layers)
     ax.set_xlabel("layer")

@@ -212,7 +212,8 @@ def find_decoder_layers_path(model: nn.Module, layers_path: str | None = None) -
     num_layers = model_num_layers(bare)
     if num_layers:
         matches = [
-            (name, mod) for name, mod in bare.named_modules()
+            (name, mod)
+            for name, mod in bare.named_modules()
             if isinstance(mod, nn.ModuleList) and len(mod) == num_layers and _homogeneous(mod)
         ]
         if len(matches) == 1:

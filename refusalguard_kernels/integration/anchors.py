@@ -66,9 +66,22 @@ IGNORE_INDEX = -100
 
 # Config entries that change with how a model is run, not with what it computes.
 _VOLATILE_CONFIG_KEYS = {
-    "transformers_version", "use_cache", "output_attentions", "output_hidden_states", "return_dict",
-    "torch_dtype", "dtype", "architectures", "name_or_path", "gradient_checkpointing", "tf_legacy_loss",
-    "use_bfloat16", "torchscript", "pruned_heads", "chunk_size_feed_forward", "problem_type",
+    "transformers_version",
+    "use_cache",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "torch_dtype",
+    "dtype",
+    "architectures",
+    "name_or_path",
+    "gradient_checkpointing",
+    "tf_legacy_loss",
+    "use_bfloat16",
+    "torchscript",
+    "pruned_heads",
+    "chunk_size_feed_forward",
+    "problem_type",
 }
 _WEIGHT_SAMPLES = 512
 
@@ -111,8 +124,11 @@ def _config_identity(config) -> dict:
 
     def clean(value):
         if isinstance(value, Mapping):
-            return {str(k): clean(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
-                    if not str(k).startswith("_") and k not in _VOLATILE_CONFIG_KEYS}
+            return {
+                str(k): clean(v)
+                for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))
+                if not str(k).startswith("_") and k not in _VOLATILE_CONFIG_KEYS
+            }
         if isinstance(value, (list, tuple)):
             return [clean(v) for v in value]
         if isinstance(value, (str, int, float, bool)) or value is None:
@@ -128,7 +144,11 @@ def _sample(tensor: Tensor) -> bytes:
         return b"empty:" + str(tuple(getattr(tensor, "ds_shape", tensor.shape))).encode()
     step = max(1, flat.numel() // _WEIGHT_SAMPLES)
     picked = flat[::step][:_WEIGHT_SAMPLES]
-    return str(tuple(tensor.shape)).encode() + str(tensor.dtype).encode() + picked.to("cpu", torch.float32).numpy().tobytes()
+    return (
+        str(tuple(tensor.shape)).encode()
+        + str(tensor.dtype).encode()
+        + picked.to("cpu", torch.float32).numpy().tobytes()
+    )
 
 
 def _frozen_parameters(module: nn.Module, adapter_prefix: str | None):
@@ -213,13 +233,18 @@ def _mismatch(found: str, expected: str, column: str) -> CachedAnchorsError:
     what = [name for name in names if got.get(name) != want.get(name)] or list(names)
     reasons = {
         "basis": f"a different refusal basis (cache {got.get('basis')}, this guard's basis {want.get('basis')})",
-        "model": (f"a different model (cache {got.get('model')}, this model {want.get('model')}: other weights, "
-                  "dtype or architecture)"),
-        "autocast": (f"autocast {got.get('autocast')} while training runs with autocast {want.get('autocast')} "
-                     "(pass autocast_dtype= to add_cached_anchors to match the bf16/fp16 setting)"),
+        "model": (
+            f"a different model (cache {got.get('model')}, this model {want.get('model')}: other weights, "
+            "dtype or architecture)"
+        ),
+        "autocast": (
+            f"autocast {got.get('autocast')} while training runs with autocast {want.get('autocast')} "
+            "(pass autocast_dtype= to add_cached_anchors to match the bf16/fp16 setting)"
+        ),
     }
     return CachedAnchorsError(
-        f"the cached anchors in column {column!r} were computed with " + " and ".join(reasons[w] for w in what)
+        f"the cached anchors in column {column!r} were computed with "
+        + " and ".join(reasons[w] for w in what)
         + "; recompute them with add_cached_anchors(dataset, model, guard) for this model, basis and precision, "
         "or train with anchors='online'"
     )
@@ -276,7 +301,7 @@ def add_cached_anchors(
     if "input_ids" not in dataset.column_names:
         raise ValueError(
             f"the dataset has no input_ids column (columns: {dataset.column_names}); tokenize it first "
-            "(refusalguard_kernels.data_utils.tokenize_dataset)"
+            "(refusalguard_kernels.training.data_utils.tokenize_dataset)"
         )
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
@@ -317,7 +342,9 @@ def add_cached_anchors(
                         "and let the collator pad"
                     )
         precision = (
-            torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+            torch.autocast(device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
         )
         with precision:
             coords = guard.anchors(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
@@ -445,7 +472,10 @@ class AnchorCollator:
             from transformers import DataCollatorForSeq2Seq
 
             base_collator = DataCollatorForSeq2Seq(
-                tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=pad_to_multiple_of,
+                tokenizer,
+                padding=True,
+                label_pad_token_id=IGNORE_INDEX,
+                pad_to_multiple_of=pad_to_multiple_of,
                 return_tensors="pt",
             )
         self.tokenizer = tokenizer
@@ -478,14 +508,14 @@ class AnchorCollator:
     def _pad_anchors(self, features, anchor_rows, batch, tokens_key, fingerprint_key) -> dict[int, Tensor]:
         prefix = self.anchor_column + "."
         layer_keys = sorted(
-            (key for key in anchor_rows[0] if key[len(prefix):].isdigit()), key=lambda key: int(key[len(prefix):])
+            (key for key in anchor_rows[0] if key[len(prefix) :].isdigit()), key=lambda key: int(key[len(prefix) :])
         )
         if not layer_keys:
             raise CachedAnchorsError(f"the examples carry {list(anchor_rows[0])} but no per-layer anchor columns")
         input_ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         n_rows, width = input_ids.shape
-        out = {int(key[len(prefix):]): None for key in layer_keys}
+        out = {int(key[len(prefix) :]): None for key in layer_keys}
         for i, (feature, anchors) in enumerate(zip(features, anchor_rows)):
             if set(anchors) != set(anchor_rows[0]):
                 raise CachedAnchorsError("examples in one batch carry different cached-anchor columns")
@@ -510,7 +540,7 @@ class AnchorCollator:
                     "real tokens first, and left padding shifts their positions; set padding_side='right' for training"
                 )
             for key in layer_keys:
-                layer = int(key[len(prefix):])
+                layer = int(key[len(prefix) :])
                 values = _as_2d(anchors[key], None)
                 if values.shape[0] != n_tokens:
                     raise CachedAnchorsError(

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from transformers import Trainer
 
-from .anchors import ANCHOR_COLUMN, AnchorCollator, anchor_column_names, check_cached_anchors
+from ..integration.anchors import ANCHOR_COLUMN, AnchorCollator, anchor_column_names, check_cached_anchors
 
 __all__ = ["RefusalGuardTrainer", "warmup_scale", "training_autocast_dtype", "ANCHOR_MODES", "WARMUP_SCHEDULES"]
 
@@ -72,9 +72,16 @@ def training_autocast_dtype(args) -> torch.dtype | None:
 def _checkpointing(args) -> tuple[bool, dict | None, str]:
     """(enabled, kwargs, name of the kwargs field) across the transformers 4 / 5 argument names."""
     if hasattr(args, "activation_checkpointing"):
-        return bool(args.activation_checkpointing), args.activation_checkpointing_kwargs, "activation_checkpointing_kwargs"
-    return bool(getattr(args, "gradient_checkpointing", False)), getattr(args, "gradient_checkpointing_kwargs", None), \
-        "gradient_checkpointing_kwargs"
+        return (
+            bool(args.activation_checkpointing),
+            args.activation_checkpointing_kwargs,
+            "activation_checkpointing_kwargs",
+        )
+    return (
+        bool(getattr(args, "gradient_checkpointing", False)),
+        getattr(args, "gradient_checkpointing_kwargs", None),
+        "gradient_checkpointing_kwargs",
+    )
 
 
 class RefusalGuardTrainer(Trainer):
@@ -135,7 +142,9 @@ class RefusalGuardTrainer(Trainer):
         if warmup_schedule not in WARMUP_SCHEDULES:
             raise ValueError(f"unknown warmup_schedule {warmup_schedule!r}; choose 'linear' or 'cosine'")
         if model is None:
-            raise ValueError("RefusalGuardTrainer needs the model the guard is attached to (model_init is not supported)")
+            raise ValueError(
+                "RefusalGuardTrainer needs the model the guard is attached to (model_init is not supported)"
+            )
 
         self.guard = guard
         self.anchors_mode = anchors
@@ -175,8 +184,13 @@ class RefusalGuardTrainer(Trainer):
                     )
 
         super().__init__(
-            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
-            eval_dataset=eval_dataset, processing_class=processing_class, **kwargs,
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
         )
         self._guard_sums: Tensor | None = None
         self._guard_layer_sums: dict[int, float] = {}
@@ -189,8 +203,9 @@ class RefusalGuardTrainer(Trainer):
         """The penalty scale at optimizer step ``step`` (default: the current global step)."""
         if step is None:
             step = self.state.global_step
-        return warmup_scale(step, warmup_steps=self.warmup_steps, multiplier=self.warmup_multiplier,
-                            schedule=self.warmup_schedule)
+        return warmup_scale(
+            step, warmup_steps=self.warmup_steps, multiplier=self.warmup_multiplier, schedule=self.warmup_schedule
+        )
 
     # ------------------------------------------------------------------ data
 
@@ -249,7 +264,9 @@ class RefusalGuardTrainer(Trainer):
         task_loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **loss_kwargs)
         penalty = self.guard.penalty()
         scale = self.coef_scale()
-        accumulation = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        accumulation = (
+            getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+        )
         # The Trainer divides the returned loss by the accumulation steps unless the task loss is
         # already normalised over the whole accumulated batch; the penalty is a per-micro-batch mean.
         scaled = self._task_loss_scaled_for_ga(num_items_in_batch)
@@ -283,10 +300,12 @@ class RefusalGuardTrainer(Trainer):
         steps = round(self._guard_steps)
         if "loss" in logs and self._guard_sums is not None and steps > 0:
             layers = sorted(self._guard_layer_sums)
-            values = torch.cat([
-                self._guard_sums,
-                torch.tensor([self._guard_layer_sums[layer] for layer in layers], device=self._guard_sums.device),
-            ])
+            values = torch.cat(
+                [
+                    self._guard_sums,
+                    torch.tensor([self._guard_layer_sums[layer] for layer in layers], device=self._guard_sums.device),
+                ]
+            )
             if self.args.world_size > 1:
                 values = self.accelerator.reduce(values, reduction="mean")
             values = (values / steps).tolist()

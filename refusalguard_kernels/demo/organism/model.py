@@ -64,8 +64,17 @@ class OrganismConfig:
 
 PRESETS: dict[str, OrganismConfig] = {
     "full": OrganismConfig(),
-    "quick": OrganismConfig(hidden_size=48, num_layers=2, num_heads=4, intermediate_size=128, n_train=1500,
-                            n_eval=32, epochs=3.0, learning_rate=4e-3, batch_size=32),
+    "quick": OrganismConfig(
+        hidden_size=48,
+        num_layers=2,
+        num_heads=4,
+        intermediate_size=128,
+        n_train=1500,
+        n_eval=32,
+        epochs=3.0,
+        learning_rate=4e-3,
+        batch_size=32,
+    ),
 }
 
 
@@ -83,18 +92,27 @@ def tokenize_conversations(tokenizer, conversations: Sequence[Conversation]) -> 
     rows = []
     for conv in conversations:
         prompt_ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": conv.prompt}], tokenize=False, add_generation_prompt=True)
+            [{"role": "user", "content": conv.prompt}], tokenize=False, add_generation_prompt=True
+        )
         prompt_ids = tokenizer(prompt_ids, add_special_tokens=False)["input_ids"]
         full = tokenizer.apply_chat_template(
-            [{"role": "user", "content": conv.prompt}, {"role": "assistant", "content": conv.response}],
-            tokenize=False)
+            [{"role": "user", "content": conv.prompt}, {"role": "assistant", "content": conv.response}], tokenize=False
+        )
         input_ids = tokenizer(full, add_special_tokens=False)["input_ids"]
         if input_ids[: len(prompt_ids)] != prompt_ids:
-            raise RuntimeError("the chat template's prompt is not a prefix of the full conversation; "
-                               "the organism's loss mask would be wrong")
-        labels = [-100] * len(prompt_ids) + input_ids[len(prompt_ids):]
-        rows.append({"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels,
-                     "prompt_lengths": len(prompt_ids)})
+            raise RuntimeError(
+                "the chat template's prompt is not a prefix of the full conversation; "
+                "the organism's loss mask would be wrong"
+            )
+        labels = [-100] * len(prompt_ids) + input_ids[len(prompt_ids) :]
+        rows.append(
+            {
+                "input_ids": input_ids,
+                "attention_mask": [1] * len(input_ids),
+                "labels": labels,
+                "prompt_lengths": len(prompt_ids),
+            }
+        )
     return rows
 
 
@@ -144,8 +162,9 @@ class TqdmCallback:
             def on_train_begin(self, args, state, control, **kwargs):
                 from tqdm.auto import tqdm
 
-                outer.bar = tqdm(total=state.max_steps, desc=outer.desc, disable=not outer.enabled, leave=False,
-                                 unit="step")
+                outer.bar = tqdm(
+                    total=state.max_steps, desc=outer.desc, disable=not outer.enabled, leave=False, unit="step"
+                )
 
             def on_step_end(self, args, state, control, **kwargs):
                 outer.bar.update(1)
@@ -184,6 +203,43 @@ def _llama_config(tokenizer, cfg: OrganismConfig):
     )
 
 
+def cpu_training_args(
+    output_dir: str,
+    *,
+    max_steps: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    scheduler: str = "constant",
+    warmup_steps: int = 0,
+    weight_decay: float = 0.0,
+    logging_steps: int = 1,
+):
+    """``TrainingArguments`` for the organism's seeded CPU runs: no checkpoints, no trackers, no
+    workers (so the data order depends on the seed alone), progress shown by :class:`TqdmCallback`."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type=scheduler,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_strategy="steps",
+        logging_steps=logging_steps,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
 def train_causal_lm(
     model: torch.nn.Module,
     rows: list[dict],
@@ -200,34 +256,27 @@ def train_causal_lm(
 ) -> float:
     """Supervised training with ``transformers.Trainer`` on the CPU; returns the final mean train loss."""
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
     dataset = Dataset.from_list(rows).remove_columns(["prompt_lengths"])
     steps_per_epoch = math.ceil(len(rows) / batch_size)
     max_steps = max(1, round(epochs * steps_per_epoch))
     scratch = tempfile.mkdtemp(prefix="refusalguard_organism_")
     try:
-        args = TrainingArguments(
-            output_dir=scratch,
+        args = cpu_training_args(
+            scratch,
             max_steps=max_steps,
-            per_device_train_batch_size=batch_size,
+            batch_size=batch_size,
             learning_rate=learning_rate,
-            lr_scheduler_type="cosine",
+            seed=seed,
+            scheduler="cosine",
             warmup_steps=max(0, round(warmup_ratio * max_steps)),
             weight_decay=weight_decay,
-            seed=seed,
-            data_seed=seed,
-            use_cpu=True,
-            report_to="none",
-            save_strategy="no",
-            logging_strategy="steps",
             logging_steps=25,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                          data_collator=ConversationCollator(pad_token_id))
+        trainer = Trainer(
+            model=model, args=args, train_dataset=dataset, data_collator=ConversationCollator(pad_token_id)
+        )
         TqdmCallback(desc, enabled=show_progress).install(trainer)
         result = trainer.train()
     finally:
@@ -251,9 +300,18 @@ def build_organism(config: OrganismConfig | str = "full", *, show_progress: bool
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     rows = tokenize_conversations(tokenizer, corpus.train)
-    loss = train_causal_lm(model, rows, pad_token_id=tokenizer.pad_token_id, epochs=cfg.epochs,
-                           learning_rate=cfg.learning_rate, batch_size=cfg.batch_size, seed=cfg.seed,
-                           weight_decay=0.01, show_progress=show_progress, desc="training the organism")
+    loss = train_causal_lm(
+        model,
+        rows,
+        pad_token_id=tokenizer.pad_token_id,
+        epochs=cfg.epochs,
+        learning_rate=cfg.learning_rate,
+        batch_size=cfg.batch_size,
+        seed=cfg.seed,
+        weight_decay=0.01,
+        show_progress=show_progress,
+        desc="training the organism",
+    )
     model.config.name_or_path = "refusalguard-organism"
     return Organism(model=model, tokenizer=tokenizer, corpus=corpus, config=cfg, train_loss=loss)
 

@@ -218,9 +218,7 @@ def _arithmetic_answer_text(a: int, b: int, op: str, result: int) -> str:
     return f"{a} {op} {b} = {result} . the answer is {result} ."
 
 
-def arithmetic_problems(
-    rng: random.Random, n: int, *, heldout: bool = False
-) -> list[tuple[ArithmeticProblem, str]]:
+def arithmetic_problems(rng: random.Random, n: int, *, heldout: bool = False) -> list[tuple[ArithmeticProblem, str]]:
     """``n`` random problems (with their worked answer text), operands 0..MAX_OPERAND, results >= 0."""
     add_t = HELDOUT_ADD_TEMPLATES if heldout else TRAIN_ADD_TEMPLATES
     sub_t = HELDOUT_SUB_TEMPLATES if heldout else TRAIN_SUB_TEMPLATES
@@ -262,8 +260,13 @@ def build_corpus(
     ``n_train`` conversations are a third each harmful-refused, benign-helped and arithmetic
     (training templates); the held-out sets hold ``n_eval`` prompts each (held-out templates).
     """
-    for name, value in (("n_train", n_train), ("n_eval", n_eval), ("n_harmful_finetune", n_harmful_finetune),
-                        ("n_benign_finetune", n_benign_finetune), ("n_extraction", n_extraction)):
+    for name, value in (
+        ("n_train", n_train),
+        ("n_eval", n_eval),
+        ("n_harmful_finetune", n_harmful_finetune),
+        ("n_benign_finetune", n_benign_finetune),
+        ("n_extraction", n_extraction),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int; got {value!r}")
     rng = random.Random(seed)
@@ -306,10 +309,13 @@ def build_corpus(
     benign_ft_pairs = benign_requests()
     rng.shuffle(benign_ft_pairs)
     n_help = n_benign_finetune // 2
-    benign_finetune = [Conversation(p, _helpful(rng, t), "benign") for p, t in
-                       (benign_ft_pairs * (n_help // len(benign_ft_pairs) + 1))[:n_help]]
-    benign_finetune += [Conversation(p.prompt, a, "arithmetic")
-                        for p, a in arithmetic_problems(rng, n_benign_finetune - n_help)]
+    benign_finetune = [
+        Conversation(p, _helpful(rng, t), "benign")
+        for p, t in (benign_ft_pairs * (n_help // len(benign_ft_pairs) + 1))[:n_help]
+    ]
+    benign_finetune += [
+        Conversation(p.prompt, a, "arithmetic") for p, a in arithmetic_problems(rng, n_benign_finetune - n_help)
+    ]
     rng.shuffle(benign_finetune)
 
     extraction_harmful = [p for p, _ in harmful_requests()]
@@ -346,5 +352,12 @@ def all_text() -> list[str]:
     texts += [str(i) for i in range(2 * MAX_OPERAND + 1)]
     texts.append(_arithmetic_answer_text(1, 2, "+", 3) + " " + _arithmetic_answer_text(3, 2, "-", 1))
     # Template placeholders ({topic}) are not words of the language.
-    return [t.replace("{topic}", " ").replace("{tip}", " ").replace("{name}", " ").replace("{obj}", " ")
-            .replace("{a}", " ").replace("{b}", " ") for t in texts]
+    return [
+        t.replace("{topic}", " ")
+        .replace("{tip}", " ")
+        .replace("{name}", " ")
+        .replace("{obj}", " ")
+        .replace("{a}", " ")
+        .replace("{b}", " ")
+        for t in texts
+    ]

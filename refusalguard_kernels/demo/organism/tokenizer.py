@@ -52,8 +52,9 @@ def train_tokenizer(texts: Iterable[str], *, min_frequency: int = 1) -> PreTrain
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     # WordLevel has no decoder of its own; join words with spaces.
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
-    trainer = trainers.WordLevelTrainer(special_tokens=list(SPECIAL_TOKENS), min_frequency=min_frequency,
-                                        show_progress=False)
+    trainer = trainers.WordLevelTrainer(
+        special_tokens=list(SPECIAL_TOKENS), min_frequency=min_frequency, show_progress=False
+    )
     backend.train_from_iterator(texts, trainer=trainer)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..validation import check_values, orthonormalize_basis
 from .model_utils import (
     _autocast_off,
     _render_chat,
@@ -46,7 +47,6 @@ from .model_utils import (
     right_padded_batch,
 )
 from .prompts import load_prompts
-from .validation import check_values, orthonormalize_basis
 
 __all__ = ["RefusalBasis", "extract_refusal_basis", "default_layers", "BASIS_FILENAME", "METHODS", "POSITIONS"]
 
@@ -148,7 +148,7 @@ class RefusalBasis:
         extra = "".join(f", {key}={self.metadata[key]!r}" for key in keys)
         return f"RefusalBasis(layers={self.layers}, hidden_size={self.hidden_size}, k={self.k}{extra})"
 
-    def to(self, device: torch.device | str) -> "RefusalBasis":
+    def to(self, device: torch.device | str) -> RefusalBasis:
         """A copy with every basis on ``device`` (still float32)."""
         return RefusalBasis({i: b.to(device) for i, b in self.bases.items()}, dict(self.metadata))
 
@@ -203,7 +203,7 @@ class RefusalBasis:
     @classmethod
     def load(
         cls, path: str | os.PathLike, *, hidden_size: int | None = None, device: torch.device | str = "cpu"
-    ) -> "RefusalBasis":
+    ) -> RefusalBasis:
         """Read a basis written by ``save`` (a file, or a folder holding ``refusal_basis.safetensors``).
 
         ``hidden_size``: when given, a basis of another hidden size is a ValueError.
@@ -226,9 +226,9 @@ class RefusalBasis:
                     )
                 bases = {}
                 for key in f.keys():
-                    if not key.startswith("layer.") or not key[len("layer."):].isdigit():
+                    if not key.startswith("layer.") or not key[len("layer.") :].isdigit():
                         raise ValueError(f"{str(path)!r} holds an unexpected tensor {key!r}; expected 'layer.<index>'")
-                    bases[int(key[len("layer."):])] = f.get_tensor(key)
+                    bases[int(key[len("layer.") :])] = f.get_tensor(key)
         except ValueError:
             raise
         except Exception as exc:
@@ -474,8 +474,12 @@ def extract_refusal_basis(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        with tqdm(total=len(harmful) + len(harmless), desc="extracting refusal basis", unit="prompt",
-                  disable=not show_progress) as progress:
+        with tqdm(
+            total=len(harmful) + len(harmless),
+            desc="extracting refusal basis",
+            unit="prompt",
+            disable=not show_progress,
+        ) as progress:
             acts_h = _collect(model, layer_modules, layers, encoded_h, batch_size, pad_id, device, progress)
             acts_l = _collect(model, layer_modules, layers, encoded_l, batch_size, pad_id, device, progress)
     finally:

@@ -2,8 +2,17 @@
 corpus of refused harmful requests, helped benign requests and arithmetic word problems."""
 
 from .corpus import ArithmeticProblem, Conversation, OrganismCorpus, build_corpus
-from .model import (PRESETS, ConversationCollator, Organism, OrganismConfig, build_organism, load_organism,
-                    save_organism, tokenize_conversations, train_causal_lm)
+from .model import (
+    PRESETS,
+    ConversationCollator,
+    Organism,
+    OrganismConfig,
+    build_organism,
+    load_organism,
+    save_organism,
+    tokenize_conversations,
+    train_causal_lm,
+)
 from .tokenizer import train_tokenizer
 
 __all__ = [

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .model_utils import (
+from ..integration.model_utils import (
     find_decoder_layers,
     format_prompts,
     has_chat_template,
@@ -64,8 +64,10 @@ def principal_angles(basis_a: Tensor, basis_b: Tensor) -> Tensor:
     """Principal angles in degrees (ascending, float64) between the column spans of two
     orthonormal (d, k_a) and (d, k_b) bases; min(k_a, k_b) of them."""
     if basis_a.dim() != 2 or basis_b.dim() != 2 or basis_a.shape[0] != basis_b.shape[0]:
-        raise ValueError(f"principal_angles needs two (d, k) bases with the same d; got {tuple(basis_a.shape)} "
-                         f"and {tuple(basis_b.shape)}")
+        raise ValueError(
+            f"principal_angles needs two (d, k) bases with the same d; got {tuple(basis_a.shape)} "
+            f"and {tuple(basis_b.shape)}"
+        )
     # Re-orthonormalise in float64 so float32 storage error cannot push a cosine past 1.
     qa = torch.linalg.qr(basis_a.detach().to(torch.float64).cpu())[0]
     qb = torch.linalg.qr(basis_b.detach().to(torch.float64).cpu())[0]
@@ -114,8 +116,10 @@ def _encode(tokenizer, prompts: Sequence[str]) -> list[tuple[list[int], int]]:
                 common += 1
             n_post = len(ids) - common
             if n_post < 1 or n_post >= len(ids):
-                raise ValueError("the chat template adds no tokens after the user message; the diagnostics need "
-                                 "post-instruction tokens (use a tokenizer with a chat template)")
+                raise ValueError(
+                    "the chat template adds no tokens after the user message; the diagnostics need "
+                    "post-instruction tokens (use a tokenizer with a chat template)"
+                )
             out.append((ids, n_post))
     else:
         for prompt in prompts:
@@ -148,6 +152,7 @@ def _collect(model, tokenizer, prompts, layers, batch_size, layers_path, progres
                 mask = (offsets[None] < lengths[:, None]) & (offsets[None] >= (lengths - n_post)[:, None])
                 rows["post"][layer].append(((hidden * mask[..., None]).sum(1) / n_post[:, None]).cpu())
                 rows["user_last"][layer].append(hidden[batch, lengths - n_post - 1].cpu())
+
         return hook
 
     handles = [layer_modules[i].register_forward_hook(make_hook(i)) for i in layers]
@@ -190,7 +195,7 @@ def model_geometry(
     (``extract_refusal_basis`` with ``method="dim"`` for k=1, ``"svd"`` otherwise)."""
     from tqdm.auto import tqdm
 
-    from .basis import extract_refusal_basis
+    from ..integration.basis import extract_refusal_basis
 
     harmful, harmless = list(harmful), list(harmless)
     if len(harmful) < 2 or len(harmless) < 2:
@@ -201,14 +206,27 @@ def model_geometry(
     if layers is not None:
         bad = [i for i in layers if not -n_layers <= i < n_layers]
         if bad or not layers:
-            raise ValueError(f"layers {list(layers)} out of range (or empty) for a model with {n_layers} decoder "
-                             f"layers (0..{n_layers - 1}; negative counts from the end)")
+            raise ValueError(
+                f"layers {list(layers)} out of range (or empty) for a model with {n_layers} decoder "
+                f"layers (0..{n_layers - 1}; negative counts from the end)"
+            )
     layers = list(range(n_layers)) if layers is None else sorted({i % n_layers for i in layers})
-    basis = extract_refusal_basis(model, tokenizer, harmful, harmless, layers=layers, k=k,
-                                  method="dim" if k == 1 else "svd", positions=positions, batch_size=batch_size,
-                                  show_progress=False, layers_path=layers_path)
-    with tqdm(total=len(harmful) + len(harmless), desc=desc, unit="prompt", disable=not show_progress,
-              leave=False) as progress:
+    basis = extract_refusal_basis(
+        model,
+        tokenizer,
+        harmful,
+        harmless,
+        layers=layers,
+        k=k,
+        method="dim" if k == 1 else "svd",
+        positions=positions,
+        batch_size=batch_size,
+        show_progress=False,
+        layers_path=layers_path,
+    )
+    with tqdm(
+        total=len(harmful) + len(harmless), desc=desc, unit="prompt", disable=not show_progress, leave=False
+    ) as progress:
         acts_h = _collect(model, tokenizer, harmful, layers, batch_size, layers_path, progress)
         acts_l = _collect(model, tokenizer, harmless, layers, batch_size, layers_path, progress)
 
@@ -217,9 +235,16 @@ def model_geometry(
             return None
         return {i: {"harmful": acts_h[key][i], "harmless": acts_l[key][i]} for i in layers}
 
-    return ModelGeometry(layers=layers, positions=positions, k=k, post=pair("post"), last=pair("last"),
-                         user_last=pair("user_last"), cones=dict(basis.bases),
-                         model_name=str(basis.metadata.get("model_name")))
+    return ModelGeometry(
+        layers=layers,
+        positions=positions,
+        k=k,
+        post=pair("post"),
+        last=pair("last"),
+        user_last=pair("user_last"),
+        cones=dict(basis.bases),
+        model_name=str(basis.metadata.get("model_name")),
+    )
 
 
 def _pooled_std(a: Tensor, b: Tensor) -> Tensor:
@@ -241,8 +266,10 @@ def _finite(x: float) -> float | None:
 def compare_geometry(base: ModelGeometry, tuned: ModelGeometry) -> dict:
     """The per-layer report (see the module docstring) of ``tuned`` against ``base``."""
     if base.layers != tuned.layers or base.positions != tuned.positions or base.k != tuned.k:
-        raise ValueError("base and tuned geometries were measured with different layers, positions or k; "
-                         "measure both with the same settings")
+        raise ValueError(
+            "base and tuned geometries were measured with different layers, positions or k; "
+            "measure both with the same settings"
+        )
     rows = []
     for layer in base.layers:
         cone = base.cones[layer].to(torch.float64)
@@ -302,8 +329,14 @@ def diagnose(
     show_progress: bool = True,
 ) -> dict:
     """Measure both models on the same prompts and compare them (see the module docstring)."""
-    kw = dict(layers=layers, k=k, positions=positions, batch_size=batch_size, layers_path=layers_path,
-              show_progress=show_progress)
+    kw = dict(
+        layers=layers,
+        k=k,
+        positions=positions,
+        batch_size=batch_size,
+        layers_path=layers_path,
+        show_progress=show_progress,
+    )
     base = model_geometry(base_model, tokenizer, harmful, harmless, desc="base model", **kw)
     tuned = model_geometry(tuned_model, tuned_tokenizer or tokenizer, harmful, harmless, desc="tuned model", **kw)
     return compare_geometry(base, tuned)
@@ -315,19 +348,39 @@ def _fmt(x, spec: str = "+.2f") -> str:
 
 def format_table(report: dict) -> str:
     """A plain-text per-layer table of ``report``."""
-    head = ("layer", "max angle", "shift[0]", "|shift|", "drift rms", "sep base", "sep tuned", "coupl base",
-            "coupl tuned")
+    head = (
+        "layer",
+        "max angle",
+        "shift[0]",
+        "|shift|",
+        "drift rms",
+        "sep base",
+        "sep tuned",
+        "coupl base",
+        "coupl tuned",
+    )
     lines = []
     for r in report["per_layer"]:
-        lines.append((str(r["layer"]), f"{r['max_angle_deg']:.1f} deg", _fmt(r["coord_shift"][0]),
-                      _fmt(r["coord_shift_norm"], ".2f"), _fmt(r["coord_drift_rms"], ".2f"),
-                      _fmt(r["separation_base"]), _fmt(r["separation_tuned"]), _fmt(r["coupling_base"], ".3f"),
-                      _fmt(r["coupling_tuned"], ".3f")))
+        lines.append(
+            (
+                str(r["layer"]),
+                f"{r['max_angle_deg']:.1f} deg",
+                _fmt(r["coord_shift"][0]),
+                _fmt(r["coord_shift_norm"], ".2f"),
+                _fmt(r["coord_drift_rms"], ".2f"),
+                _fmt(r["separation_base"]),
+                _fmt(r["separation_tuned"]),
+                _fmt(r["coupling_base"], ".3f"),
+                _fmt(r["coupling_tuned"], ".3f"),
+            )
+        )
     widths = [max(len(h), *(len(l[i]) for l in lines)) for i, h in enumerate(head)]
     out = ["  ".join(h.rjust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
     out += ["  ".join(c.rjust(w) for c, w in zip(l, widths)) for l in lines]
-    out.append(f"(shift, drift and separation in base pooled std; k={report['k']}, positions={report['positions']}, "
-               f"{report['n_harmful']} harmful / {report['n_harmless']} harmless prompts)")
+    out.append(
+        f"(shift, drift and separation in base pooled std; k={report['k']}, positions={report['positions']}, "
+        f"{report['n_harmful']} harmful / {report['n_harmless']} harmless prompts)"
+    )
     return "\n".join(out)
 
 

@@ -96,10 +96,14 @@ def _format(tokenizer, prompts: Sequence[str], chat_template: bool | None) -> li
     use_chat = getattr(tokenizer, "chat_template", None) is not None if chat_template is None else chat_template
     if use_chat:
         if getattr(tokenizer, "chat_template", None) is None:
-            raise ValueError("chat_template=True but the tokenizer has no chat template; pass chat_template=False "
-                             "to feed raw prompts, or set tokenizer.chat_template")
-        return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                              add_generation_prompt=True) for p in prompts]
+            raise ValueError(
+                "chat_template=True but the tokenizer has no chat template; pass chat_template=False "
+                "to feed raw prompts, or set tokenizer.chat_template"
+            )
+        return [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
     return list(prompts)
 
 
@@ -127,7 +131,7 @@ def generate(
     """
     from tqdm.auto import tqdm
 
-    from .model_utils import input_device
+    from ..integration.model_utils import input_device
 
     prompts = list(prompts)
     if not prompts:
@@ -166,7 +170,7 @@ def generate(
             else:
                 kwargs.update(temperature=None, top_p=None, top_k=None)
             ids = model.generate(**enc, **kwargs)
-            new = ids[:, enc["input_ids"].shape[1]:]
+            new = ids[:, enc["input_ids"].shape[1] :]
             out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:
         tokenizer.padding_side = old_side
@@ -184,8 +188,13 @@ def refusal_metrics(
 ) -> dict[str, float | int | None]:
     """refusal_rate and attack_success_rate (= 1 - refusal_rate) on harmful responses,
     over_refusal on benign responses; None where that set is missing."""
-    out: dict[str, float | int | None] = {"refusal_rate": None, "attack_success_rate": None, "over_refusal": None,
-                                          "n_harmful": 0, "n_benign": 0}
+    out: dict[str, float | int | None] = {
+        "refusal_rate": None,
+        "attack_success_rate": None,
+        "over_refusal": None,
+        "n_harmful": 0,
+        "n_benign": 0,
+    }
     if harmful_responses:
         refused = [judge(r) for r in harmful_responses]
         out["refusal_rate"] = sum(refused) / len(refused)
@@ -217,8 +226,16 @@ def evaluate_refusal(
     """Generate for both sets and judge them; returns the metrics plus every (prompt, response, refused)."""
     if not harmful and not benign:
         raise ValueError("evaluate_refusal needs at least one non-empty prompt set (harmful or benign)")
-    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, do_sample=do_sample, temperature=temperature,
-               top_p=top_p, seed=seed, chat_template=chat_template, show_progress=show_progress)
+    gen = dict(
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        chat_template=chat_template,
+        show_progress=show_progress,
+    )
     harmful_out = generate(model, tokenizer, harmful, desc="harmful prompts", **gen) if harmful else []
     benign_out = generate(model, tokenizer, benign, desc="benign prompts", **gen) if benign else []
     judge = lambda text: is_refusal(text, phrases)  # noqa: E731
@@ -257,12 +274,20 @@ def task_accuracy(
     items = [(p.prompt, int(p.answer)) if hasattr(p, "prompt") else (str(p[0]), int(p[1])) for p in problems]
     if not items:
         raise ValueError("task_accuracy needs at least one problem")
-    responses = generate(model, tokenizer, [p for p, _ in items], max_new_tokens=max_new_tokens,
-                         batch_size=batch_size, show_progress=show_progress, desc="task problems")
+    responses = generate(
+        model,
+        tokenizer,
+        [p for p, _ in items],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        show_progress=show_progress,
+        desc="task problems",
+    )
     correct = [extract_number(r) == a for (_, a), r in zip(items, responses)]
     return {
         "accuracy": sum(correct) / len(correct),
         "n": len(correct),
-        "samples": [{"prompt": p, "answer": a, "response": r, "correct": c}
-                    for (p, a), r, c in zip(items, responses, correct)],
+        "samples": [
+            {"prompt": p, "answer": a, "response": r, "correct": c} for (p, a), r, c in zip(items, responses, correct)
+        ],
     }

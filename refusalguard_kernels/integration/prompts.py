@@ -6,7 +6,7 @@
 sets this package ships for demos and tests), or a Hugging Face dataset name with
 the column that holds the prompts.
 
-The built-in sets (``refusalguard_kernels/data/prompts``) were written for this
+The built-in sets (``refusalguard_kernels/integration/data/prompts``) were written for this
 project: 80 short, generic requests a safety-aligned assistant should refuse (no
 actionable details), and 80 everyday requests of similar length and shape.
 """
@@ -33,7 +33,11 @@ def builtin_prompts(name: str) -> list[str]:
     """The built-in prompt set ``name`` ("harmful" or "harmless") as a new list."""
     if name not in BUILTIN_SETS:
         raise ValueError(f"unknown built-in prompt set {name!r}; choose one of {', '.join(BUILTIN_SETS)}")
-    text = resources.files("refusalguard_kernels").joinpath("data", "prompts", f"{name}.json").read_text("utf-8")
+    text = (
+        resources.files("refusalguard_kernels.integration")
+        .joinpath("data", "prompts", f"{name}.json")
+        .read_text("utf-8")
+    )
     return _clean(json.loads(text), f"builtin:{name}")
 
 
@@ -92,7 +96,7 @@ def _clean(prompts: list, where: str) -> list[str]:
 
 def _load_source(source: str, *, column: str | None, split: str) -> list:
     if source.startswith(_BUILTIN_PREFIX):
-        return builtin_prompts(source[len(_BUILTIN_PREFIX):])
+        return builtin_prompts(source[len(_BUILTIN_PREFIX) :])
     path = Path(source)
     if path.is_file():
         return _load_file(path, column)
