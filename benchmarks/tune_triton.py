@@ -33,7 +33,6 @@ def breakdown(case: pb.Case) -> None:
     state = torch.empty(2 + case.k * case.k, device="cuda")
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
-        split = pb._graph_time(lambda: [tp._split_basis(basis, case.torch_dtype, False) for _ in range(20)], 20)
         fin = pb._graph_time(
             lambda: [
                 tp._penalty_finalize_kernel[(1,)](
@@ -53,7 +52,7 @@ def breakdown(case: pb.Case) -> None:
             20,
         )
     torch.cuda.synchronize()
-    print(f"breakdown: split_basis {split * 1e3:.1f} us, finalize (P={P}) {fin * 1e3:.1f} us per launch", flush=True)
+    print(f"breakdown: finalize (P={P}) {fin * 1e3:.1f} us per launch", flush=True)
 
 
 def main() -> int:
