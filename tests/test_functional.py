@@ -146,6 +146,8 @@ def test_orthonormalize_basis():
     raw = torch.randn(30, 4, dtype=torch.float64)
     basis = rg.orthonormalize_basis(raw)
     assert basis.dtype == torch.float32 and basis.shape == (30, 4)
+    # row-major, as the kernels read it (QR's Q is column-major: a copy on every call otherwise)
+    assert basis.is_contiguous() and rg.orthonormalize_basis(raw, dtype=torch.float64).is_contiguous()
     assert (basis.double().T @ basis.double() - torch.eye(4, dtype=torch.float64)).abs().max() < 1e-6
     # each column keeps the sense of its source direction
     assert ((basis.double() * raw).sum(0) > 0).all()
