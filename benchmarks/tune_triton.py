@@ -25,8 +25,6 @@ from refusalguard_kernels.ops import triton_penalty as tp  # noqa: E402
 
 def breakdown(case: pb.Case) -> None:
     """Device time of the small launches around the main kernels (graph replay, median)."""
-    basis, sets = pb.make_sets(case, 1)
-    basis = basis.float().contiguous()
     P = 132
     part = torch.randn(P, 2 + case.k * case.k, device="cuda")
     loss = torch.empty((), device="cuda")
