@@ -25,15 +25,12 @@ from refusalguard_kernels.ops import triton_penalty as tp  # noqa: E402
 
 def breakdown(case: pb.Case) -> None:
     """Device time of the small launches around the main kernels (graph replay, median)."""
-    basis, sets = pb.make_sets(case, 1)
-    basis = basis.float().contiguous()
     P = 132
     part = torch.randn(P, 2 + case.k * case.k, device="cuda")
     loss = torch.empty((), device="cuda")
     state = torch.empty(2 + case.k * case.k, device="cuda")
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
-        split = pb._graph_time(lambda: [tp._split_basis(basis, case.torch_dtype, False) for _ in range(20)], 20)
         fin = pb._graph_time(
             lambda: [
                 tp._penalty_finalize_kernel[(1,)](
@@ -53,7 +50,7 @@ def breakdown(case: pb.Case) -> None:
             20,
         )
     torch.cuda.synchronize()
-    print(f"breakdown: split_basis {split * 1e3:.1f} us, finalize (P={P}) {fin * 1e3:.1f} us per launch", flush=True)
+    print(f"breakdown: finalize (P={P}) {fin * 1e3:.1f} us per launch", flush=True)
 
 
 def main() -> int:

@@ -48,7 +48,9 @@ def orthonormalize_basis(basis: Tensor, *, dtype: torch.dtype = torch.float32) -
     if (diag.abs() / scale < 1e-6).any():
         raise ValueError("basis columns are linearly dependent (or zero); drop the redundant directions")
     q = q * torch.sign(diag)[None, :]
-    return q.to(dtype)
+    # QR returns Q column-major; the kernels take a row-major (d, k) basis, and a
+    # non-contiguous one would be copied on every call.
+    return q.to(dtype).contiguous()
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:

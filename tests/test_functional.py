@@ -143,13 +143,16 @@ def test_validate_false_skips_value_checks(backend):
 
 
 def test_orthonormalize_basis():
-    raw = torch.randn(30, 4, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(145)
+    raw = torch.randn(30, 4, dtype=torch.float64, generator=gen)
     basis = rg.orthonormalize_basis(raw)
     assert basis.dtype == torch.float32 and basis.shape == (30, 4)
+    # row-major, as the kernels read it (QR's Q is column-major: a copy on every call otherwise)
+    assert basis.is_contiguous() and rg.orthonormalize_basis(raw, dtype=torch.float64).is_contiguous()
     assert (basis.double().T @ basis.double() - torch.eye(4, dtype=torch.float64)).abs().max() < 1e-6
     # each column keeps the sense of its source direction
     assert ((basis.double() * raw).sum(0) > 0).all()
-    single = rg.orthonormalize_basis(torch.randn(12))
+    single = rg.orthonormalize_basis(torch.randn(12, generator=gen))
     assert single.shape == (12, 1) and abs(single.norm().item() - 1) < 1e-6
     with pytest.raises(ValueError, match="linearly dependent"):
         rg.orthonormalize_basis(torch.stack([raw[:, 0], 2 * raw[:, 0]], 1))

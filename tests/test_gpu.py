@@ -91,3 +91,82 @@ def test_cuda_and_triton_agree(dtype):
         loss.backward()
         assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype], backend
         assert rel_err(h.grad, ref_grad) <= GRAD_TOL[dtype], backend
+
+
+@pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="needs the triton backend")
+def test_triton_launches_on_the_tensors_device(monkeypatch):
+    """Every Triton launch runs with the tensors' device current, whichever device was current
+    before (a model split over GPUs), and the caller's current device is restored.  On one GPU:
+    the index made current is the tensors' own, never another."""
+    from refusalguard_kernels.ops import triton_penalty as tp
+
+    current_at_launch = []
+
+    class Recording:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                current_at_launch.append(torch.cuda.current_device())
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    for name in ("_penalty_fwd_kernel", "_penalty_finalize_kernel", "_penalty_bwd_kernel"):
+        monkeypatch.setattr(tp, name, Recording(getattr(tp, name)))
+    n = torch.cuda.device_count()
+    for dev in range(n):
+        inputs = make_inputs((2, 300), 512, 8, torch.bfloat16, weights="random", device=f"cuda:{dev}")
+        hidden, basis, anchors, weight = inputs
+        ref_loss, ref_grad = reference_loss_and_grad(hidden, basis, anchors, weight, 1.0, 0.5)
+        for current in range(n):
+            current_at_launch.clear()
+            with torch.cuda.device(current):
+                h = hidden.clone().requires_grad_(True)
+                loss = rg.geometry_loss(h, basis, anchors, weight, drift_coef=1.0, gram_coef=0.5, backend="triton")
+                loss.backward()
+                rg.project(hidden, basis, backend="triton")
+                assert torch.cuda.current_device() == current
+            torch.cuda.synchronize(dev)
+            assert len(current_at_launch) == 4, current_at_launch  # fwd, finalize, bwd, project
+            assert set(current_at_launch) == {dev}, f"tensors on cuda:{dev}, launched on {current_at_launch}"
+            assert rel_err(loss, ref_loss) <= LOSS_TOL[torch.bfloat16], f"seed={inputs.seed}"
+            assert rel_err(h.grad, ref_grad) <= GRAD_TOL[torch.bfloat16], f"seed={inputs.seed}"
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_cuda_graph_replay_reads_the_current_basis(backend):
+    """A captured step reads the basis' memory at replay: a new basis written in place (as
+    ``.data`` or a raw kernel would) is used by the next replay, with nothing split or cached
+    at capture time."""
+    inputs = make_inputs((4, 256), 1024, 8, torch.bfloat16, weights="random", device="cuda")
+    hidden, basis, anchors, weight = inputs
+    basis = basis.contiguous()
+    h = hidden.clone().requires_grad_(True)
+
+    def step():
+        h.grad = None
+        loss = rg.geometry_loss(
+            h, basis, anchors, weight, drift_coef=1.0, gram_coef=0.5, backend=backend, validate=False
+        )
+        loss.backward()
+        return loss
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        loss = step()
+    gen = torch.Generator().manual_seed(inputs.seed + 1)
+    other = rg.orthonormalize_basis(torch.randn(1024, 8, dtype=torch.float64, generator=gen)).cuda()
+    for want_basis in (basis.clone(), other):
+        basis.data.copy_(want_basis)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_loss, ref_grad = reference_loss_and_grad(hidden, want_basis, anchors, weight, 1.0, 0.5)
+        assert rel_err(loss, ref_loss) <= LOSS_TOL[torch.bfloat16], f"seed={inputs.seed}"
+        assert rel_err(h.grad, ref_grad) <= GRAD_TOL[torch.bfloat16], f"seed={inputs.seed}"

@@ -4,18 +4,29 @@ On a machine without CUDA, tests/conftest.py sets TRITON_INTERPRET=1 and these r
 real kernels on CPU tensors. With CUDA, the same tests run compiled on the GPU.
 """
 
+import contextlib
+import gc
+import weakref
+
 import pytest
 import torch
 from penalty_cases import (
     COORD_TOL,
+    ELEM_COORD_TOL,
+    ELEM_GRAD_TOL,
     GRAD_TOL,
     LOSS_TOL,
+    case_seed,
+    check_close,
+    generator,
     make_inputs,
+    max_rel_err,
     reference_loss_and_grad,
     rel_err,
 )
 
 import refusalguard_kernels as rg
+from refusalguard_kernels.ops import triton_penalty
 from refusalguard_kernels.ops.penalty import loss_forward_op, project_op
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -57,7 +68,8 @@ def _ids(case):
 @pytest.mark.parametrize("gram_coef", [0.0, 0.7])
 def test_loss_and_gradient_match_float64(case, gram_coef):
     lead, d, k, dtype, weights = case
-    hidden, basis, anchors, weight = make_inputs(lead, d, k, dtype, weights=weights, device=DEVICE)
+    inputs = make_inputs(lead, d, k, dtype, weights=weights, device=DEVICE)
+    hidden, basis, anchors, weight = inputs
     grad_scale = 2.5  # grad_loss carries loss scaling: never assume 1
     ref_loss, ref_grad = reference_loss_and_grad(hidden, basis, anchors, weight, 1.3, gram_coef, grad_scale)
 
@@ -65,43 +77,48 @@ def test_loss_and_gradient_match_float64(case, gram_coef):
     loss = rg.geometry_loss(h, basis, anchors, weight, drift_coef=1.3, gram_coef=gram_coef, backend=BACKEND)
     assert loss.dtype == torch.float32 and loss.dim() == 0
     (loss * grad_scale).backward()
-    assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype]
+    check_close(loss, ref_loss, LOSS_TOL[dtype], None, "loss", inputs.seed)
     assert h.grad.dtype == dtype and h.grad.shape == hidden.shape
-    assert torch.isfinite(h.grad).all()
-    assert rel_err(h.grad, ref_grad) <= GRAD_TOL[dtype]
+    assert torch.isfinite(h.grad).all(), f"seed={inputs.seed}"
+    check_close(h.grad, ref_grad, GRAD_TOL[dtype], ELEM_GRAD_TOL[dtype], "grad", inputs.seed)
 
 
 @pytest.mark.parametrize("case", GRID[::2], ids=[_ids(c) for c in GRID[::2]])
 def test_guard_fused_backward(case):
     """grad_hidden == grad_hidden_out + grad_loss * dL/dH, for a non-unit grad_loss."""
     lead, d, k, dtype, weights = case
-    hidden, basis, anchors, weight = make_inputs(lead, d, k, dtype, weights=weights, device=DEVICE)
+    inputs = make_inputs(lead, d, k, dtype, weights=weights, device=DEVICE)
+    hidden, basis, anchors, weight = inputs
     grad_scale = 0.37
     ref_loss, ref_grad = reference_loss_and_grad(hidden, basis, anchors, weight, 0.8, 1.1, grad_scale)
     # grad_out of the same size as the penalty's gradient, so neither can hide the other.
-    grad_out = (torch.randn(hidden.shape, dtype=torch.float64) * ref_grad.norm() / ref_grad.numel() ** 0.5).to(dtype)
-    grad_out = grad_out.to(DEVICE)
+    gen = generator(inputs.seed + 1)
+    grad_out = torch.randn(hidden.shape, dtype=torch.float64, generator=gen) * ref_grad.norm() / ref_grad.numel() ** 0.5
+    grad_out = grad_out.to(dtype).to(DEVICE)
 
     h = hidden.clone().requires_grad_(True)
     out, loss = rg.guard(h, basis, anchors, weight, drift_coef=0.8, gram_coef=1.1, backend=BACKEND)
     assert torch.equal(out, hidden)
     torch.autograd.backward([out, loss], [grad_out, torch.tensor(grad_scale, device=DEVICE)])
-    assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype]
-    assert rel_err(h.grad, grad_out.double().cpu() + ref_grad) <= GRAD_TOL[dtype]
+    check_close(loss, ref_loss, LOSS_TOL[dtype], None, "loss", inputs.seed)
+    want = grad_out.double().cpu() + ref_grad
+    check_close(h.grad, want, GRAD_TOL[dtype], ELEM_GRAD_TOL[dtype], "grad", inputs.seed)
 
 
 @pytest.mark.parametrize("case", GRID[1::3], ids=[_ids(c) for c in GRID[1::3]])
 def test_project_and_its_gradient(case):
     lead, d, k, dtype, _ = case
-    hidden, basis, _, _ = make_inputs(lead, d, k, dtype, device=DEVICE)
+    inputs = make_inputs(lead, d, k, dtype, device=DEVICE)
+    hidden, basis, _, _ = inputs
     h = hidden.clone().requires_grad_(True)
     coords = rg.project(h, basis, backend=BACKEND)
     assert coords.shape == (*lead, k) and coords.dtype == torch.float32
     ref = hidden.double().cpu() @ basis.double().cpu()
-    assert rel_err(coords, ref) <= COORD_TOL[dtype]
-    grad_coords = torch.randn(*lead, k, device=DEVICE)
+    check_close(coords, ref, COORD_TOL[dtype], ELEM_COORD_TOL[dtype], "coords", inputs.seed)
+    grad_coords = torch.randn(*lead, k, generator=generator(inputs.seed + 1)).to(DEVICE)
     coords.backward(grad_coords)
-    assert rel_err(h.grad, grad_coords.double().cpu() @ basis.double().cpu().T) <= GRAD_TOL[dtype]
+    want = grad_coords.double().cpu() @ basis.double().cpu().T
+    check_close(h.grad, want, GRAD_TOL[dtype], ELEM_GRAD_TOL[dtype], "grad", inputs.seed)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -128,11 +145,12 @@ def test_project_is_bitwise_the_loss_forward_coords(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_step_zero_is_exactly_zero(dtype):
     """Anchors made with project() on the same hidden: loss 0, gradient 0, guard passes grad_out through."""
-    hidden, basis, _, weight = make_inputs((2, 70), 150, 8, dtype, weights="zeros_some", device=DEVICE)
+    inputs = make_inputs((2, 70), 150, 8, dtype, weights="zeros_some", device=DEVICE)
+    hidden, basis, _, weight = inputs
     anchors = rg.project(hidden, basis, backend=BACKEND)
     h = hidden.clone().requires_grad_(True)
     out, loss = rg.guard(h, basis, anchors, weight, drift_coef=1.0, gram_coef=5.0, backend=BACKEND)
-    grad_out = torch.randn_like(hidden, dtype=torch.float32).to(dtype)
+    grad_out = torch.randn(hidden.shape, generator=generator(inputs.seed + 1)).to(dtype).to(DEVICE)
     torch.autograd.backward([out, loss], [grad_out, torch.tensor(3.0, device=DEVICE)])
     assert loss.item() == 0.0
     assert torch.equal(h.grad, grad_out)
@@ -150,36 +168,37 @@ def test_runs_are_bitwise_identical():
     assert torch.equal(results[0][1], results[1][1])
 
 
-def _non_contiguous_views(dtype):
+def _non_contiguous_views(dtype, gen):
     d = 90
-    base = torch.randn(40, 3, d).to(dtype).to(DEVICE)
+    base = torch.randn(40, 3, d, generator=gen).to(dtype).to(DEVICE)
     yield "transposed_3d", base.transpose(0, 1)  # [3, 40, d] with row strides that no 2-D view describes
-    wide = torch.randn(60, 2 * d).to(dtype).to(DEVICE)
+    wide = torch.randn(60, 2 * d, generator=gen).to(dtype).to(DEVICE)
     yield "column_stride_2", wide[:, ::2]
     yield "row_slice", wide[:, 5 : 5 + d]
-    four = torch.randn(2, 3, 4, d).to(dtype).to(DEVICE)
+    four = torch.randn(2, 3, 4, d, generator=gen).to(dtype).to(DEVICE)
     yield "permuted_4d", four.permute(2, 0, 1, 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_non_contiguous_hidden(dtype):
-    for name, hidden in _non_contiguous_views(dtype):
+    seed = case_seed("non_contiguous_hidden", str(dtype))
+    gen = generator(seed)
+    for name, hidden in _non_contiguous_views(dtype, gen):
         assert not hidden.is_contiguous(), name
         lead, d, k = hidden.shape[:-1], hidden.shape[-1], 5
-        _, basis, anchors, weight = make_inputs(lead, d, k, dtype, weights="random", device=DEVICE)
-        grad_out = (
-            torch.randn(hidden.shape).to(dtype).to(DEVICE).transpose(0, 1).contiguous().transpose(0, 1)
-            if hidden.dim() >= 2
-            else torch.randn_like(hidden)
-        )
+        _, basis, anchors, weight = make_inputs(lead, d, k, dtype, weights="random", device=DEVICE, gen=gen)
+        grad_out = torch.randn(hidden.shape, generator=gen).to(dtype).to(DEVICE).transpose(0, 1).contiguous()
+        grad_out = grad_out.transpose(0, 1)
         ref_loss, ref_grad = reference_loss_and_grad(hidden, basis, anchors, weight, 1.0, 0.4, 1.7)
         h = hidden.detach().requires_grad_(True)
         out, loss = rg.guard(h, basis, anchors, weight, drift_coef=1.0, gram_coef=0.4, backend=BACKEND)
         torch.autograd.backward([out, loss], [grad_out, torch.tensor(1.7, device=DEVICE)])
-        assert rel_err(loss, ref_loss) <= LOSS_TOL[dtype], name
-        assert rel_err(h.grad, grad_out.double().cpu() + ref_grad) <= GRAD_TOL[dtype], name
+        check_close(loss, ref_loss, LOSS_TOL[dtype], None, f"{name} loss", seed)
+        want = grad_out.double().cpu() + ref_grad
+        check_close(h.grad, want, GRAD_TOL[dtype], ELEM_GRAD_TOL[dtype], f"{name} grad", seed)
         coords = rg.project(hidden, basis, backend=BACKEND)
-        assert rel_err(coords, hidden.double().cpu() @ basis.double().cpu()) <= COORD_TOL[dtype], name
+        ref = hidden.double().cpu() @ basis.double().cpu()
+        check_close(coords, ref, COORD_TOL[dtype], ELEM_COORD_TOL[dtype], f"{name} coords", seed)
 
 
 def test_nan_in_hidden_propagates():
@@ -202,7 +221,7 @@ def test_basis_changed_in_place_is_not_served_from_cache():
     """The launchers cache the split basis; an in-place update must be seen."""
     hidden, basis, anchors, weight = make_inputs((40,), 96, 4, torch.bfloat16, weights="random", device=DEVICE)
     first = rg.project(hidden, basis, backend=BACKEND)
-    other = rg.orthonormalize_basis(torch.randn(96, 4, dtype=torch.float64)).to(DEVICE)
+    other = rg.orthonormalize_basis(torch.randn(96, 4, dtype=torch.float64, generator=generator(7))).to(DEVICE)
     basis.copy_(other)
     second = rg.project(hidden, basis, backend=BACKEND)
     assert rel_err(second, hidden.double().cpu() @ other.double().cpu()) <= COORD_TOL[torch.bfloat16]
@@ -213,3 +232,161 @@ def test_basis_changed_in_place_is_not_served_from_cache():
     ref_loss, ref_grad = reference_loss_and_grad(hidden, other, anchors, weight, 1.0, 0.0)
     assert rel_err(loss, ref_loss) <= LOSS_TOL[torch.bfloat16]
     assert rel_err(h.grad, ref_grad) <= GRAD_TOL[torch.bfloat16]
+
+
+# ---------------------------------------------------------------- issue 10: the element-wise check
+
+
+def test_element_check_catches_one_bad_element_the_norm_check_misses():
+    """One element of a 256 x 512 bf16 gradient off by a typical gradient magnitude passes the
+    norm-wise bound (it moves it by ~1/sqrt(N d)) but not the element-wise one."""
+    dtype = torch.bfloat16
+    inputs = make_inputs((256,), 512, 8, dtype, weights="zeros_some", device=DEVICE)
+    hidden, basis, anchors, weight = inputs
+    _, ref_grad = reference_loss_and_grad(hidden, basis, anchors, weight, 1.0, 0.5)
+    h = hidden.clone().requires_grad_(True)
+    rg.geometry_loss(h, basis, anchors, weight, drift_coef=1.0, gram_coef=0.5, backend=BACKEND).backward()
+    check_close(h.grad, ref_grad, GRAD_TOL[dtype], ELEM_GRAD_TOL[dtype], "grad", inputs.seed)
+
+    typical = ref_grad[ref_grad != 0].pow(2).mean().sqrt().item()  # rms over the weighted rows
+    bad = h.grad.clone()
+    bad.view(-1)[12345] += typical
+    assert rel_err(bad, ref_grad) <= GRAD_TOL[dtype], "the norm check alone would catch it: test is moot"
+    assert max_rel_err(bad, ref_grad) > 10 * ELEM_GRAD_TOL[dtype]
+    with pytest.raises(AssertionError, match=r"max\|x - ref\| / max\|ref\|.*seed="):
+        check_close(bad, ref_grad, GRAD_TOL[dtype], ELEM_GRAD_TOL[dtype], "grad", inputs.seed)
+
+
+def test_inputs_replay_from_their_seed():
+    a = make_inputs((3, 5), 20, 2, torch.bfloat16, weights="zeros_some")
+    b = make_inputs((3, 5), 20, 2, torch.bfloat16, weights="zeros_some")
+    c = make_inputs((3, 5), 20, 2, torch.bfloat16, weights="zeros_some", seed=a.seed + 1)
+    assert a.seed == b.seed == case_seed((3, 5), 20, 2, "torch.bfloat16", "zeros_some", 0.5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+
+
+# ---------------------------------------------------------------- issue 10: the basis is read, never cached
+
+
+def _loss_and_grad(hidden, basis, anchors, weight):
+    h = hidden.clone().requires_grad_(True)
+    loss = rg.geometry_loss(h, basis, anchors, weight, drift_coef=1.0, gram_coef=0.6, backend=BACKEND)
+    loss.backward()
+    return loss.detach(), h.grad
+
+
+def _live_tensors() -> int:
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if issubclass(type(o), torch.Tensor))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_non_contiguous_basis_matches_reference_and_nothing_accumulates(dtype):
+    inputs = make_inputs((40,), 96, 4, dtype, weights="random", device=DEVICE)
+    hidden, basis, anchors, weight = inputs
+    ref_loss, ref_grad = reference_loss_and_grad(hidden, basis, anchors, weight, 1.0, 0.6)
+    views = {
+        "column_major": basis.t().contiguous().t(),  # what QR returns
+        "column_stride_2": torch.stack([basis, torch.zeros_like(basis)], 2).flatten(1)[:, ::2],
+    }
+    _loss_and_grad(hidden, views["column_major"], anchors, weight)  # first-call state (compiled kernels) aside
+    before = _live_tensors()
+    for name, view in views.items():
+        assert not view.is_contiguous() and torch.equal(view, basis), name
+        for _ in range(3):  # a training run passes the same basis every step
+            loss, grad = _loss_and_grad(hidden, view, anchors, weight)
+            check_close(loss, ref_loss, LOSS_TOL[dtype], None, f"{name} loss", inputs.seed)
+            check_close(grad, ref_grad, GRAD_TOL[dtype], ELEM_GRAD_TOL[dtype], f"{name} grad", inputs.seed)
+    del loss, grad
+    assert _live_tensors() == before, "tensors kept alive across calls (a cache that grows)"
+
+
+def test_launchers_keep_no_reference_to_the_basis():
+    hidden, basis, anchors, weight = make_inputs((40,), 96, 4, torch.bfloat16, weights="random", device=DEVICE)
+    b32 = basis.float().contiguous().clone()
+    alive = weakref.ref(b32)
+    coords = triton_penalty.project(hidden, b32)
+    coords, _, state = triton_penalty.loss_forward(hidden, b32, anchors, weight, 1.0, 0.5)
+    triton_penalty.loss_backward(None, torch.ones((), device=DEVICE), coords, anchors, weight, state, b32,
+                                 list(hidden.shape), hidden.dtype, 0.5)  # fmt: skip
+    del b32
+    gc.collect()
+    assert alive() is None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_basis_written_through_data_is_seen(dtype):
+    """``.data`` writes (and raw kernels) do not bump the version counter: nothing may
+    depend on it to notice that the basis changed."""
+    inputs = make_inputs((40,), 96, 4, dtype, weights="random", device=DEVICE)
+    hidden, basis, anchors, weight = inputs
+    basis = basis.contiguous()  # fp32 row-major: what the kernels read in place, no per-call copy
+    first = rg.project(hidden, basis, backend=BACKEND)
+    _loss_and_grad(hidden, basis, anchors, weight)
+    other = rg.orthonormalize_basis(torch.randn(96, 4, dtype=torch.float64, generator=generator(inputs.seed + 1)))
+    version = basis._version
+    basis.data.copy_(other.to(DEVICE))
+    assert basis._version == version  # the write the version counter does not see
+    second = rg.project(hidden, basis, backend=BACKEND)
+    ref = hidden.double().cpu() @ other.double()
+    check_close(second, ref, COORD_TOL[dtype], ELEM_COORD_TOL[dtype], "coords after .data write", inputs.seed)
+    assert not torch.equal(first, second)
+    loss, grad = _loss_and_grad(hidden, basis, anchors, weight)
+    ref_loss, ref_grad = reference_loss_and_grad(hidden, other, anchors, weight, 1.0, 0.6)
+    check_close(loss, ref_loss, LOSS_TOL[dtype], None, "loss after .data write", inputs.seed)
+    check_close(grad, ref_grad, GRAD_TOL[dtype], ELEM_GRAD_TOL[dtype], "grad after .data write", inputs.seed)
+
+
+# ---------------------------------------------------------------- issue 10: launches on the tensors' device
+
+KERNELS = ("_penalty_fwd_kernel", "_penalty_finalize_kernel", "_penalty_bwd_kernel")
+
+
+class _RecordingKernel:
+    """Stands in for a JIT kernel: records the device contexts open at each launch."""
+
+    def __init__(self, kernel, name, open_contexts, launches):
+        self.kernel, self.name, self.open_contexts, self.launches = kernel, name, open_contexts, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((self.name, list(self.open_contexts)))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_every_launch_runs_inside_the_tensors_device_context(monkeypatch):
+    open_contexts, launches = [], []
+    real_context = triton_penalty._device_context
+
+    @contextlib.contextmanager
+    def recording_context(device):
+        with real_context(device):
+            open_contexts.append(device)
+            try:
+                yield
+            finally:
+                open_contexts.pop()
+
+    monkeypatch.setattr(triton_penalty, "_device_context", recording_context)
+    for name in KERNELS:
+        monkeypatch.setattr(
+            triton_penalty, name, _RecordingKernel(getattr(triton_penalty, name), name, open_contexts, launches)
+        )
+    hidden, basis, anchors, weight = make_inputs((2, 20), 64, 3, torch.bfloat16, weights="random", device=DEVICE)
+    h = hidden.clone().requires_grad_(True)
+    out, loss = rg.guard(h, basis, anchors, weight, drift_coef=1.0, gram_coef=0.5, backend=BACKEND)
+    torch.autograd.backward([out, loss], [torch.ones_like(hidden), torch.ones((), device=DEVICE)])
+    rg.project(h, basis, backend=BACKEND).sum().backward()
+    assert {name for name, _ in launches} == set(KERNELS)
+    assert len(launches) == 5  # loss fwd + finalize + bwd, project fwd + bwd
+    for name, contexts in launches:
+        assert contexts == [hidden.device], f"{name} launched with device contexts {contexts} open"
+
+
+def test_device_context_makes_a_cuda_tensors_device_current():
+    ctx = triton_penalty._device_context(torch.device("cuda", 1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    assert isinstance(triton_penalty._device_context(torch.device("cpu")), contextlib.nullcontext)

@@ -1,11 +1,6 @@
 """Triton kernels for the subspace-projection penalty, and their launchers.
 
-Four kernels, two passes over the N x d data:
-
-* ``_split_basis_kernel`` (half hidden only): the fp32 basis, d x k, split once per
-  call into hi + lo parts laid out for the MMAs (zero-padded to K = 16..64 columns),
-  so the hot loops load tensor-core operands straight from memory (pipelined) and
-  do no conversion work per tile.
+Three kernels, two passes over the N x d data:
 
 * ``_penalty_fwd_kernel``: one read of H.  Z = H B (fp32 accumulate), written as
   N x k, and -- when a loss is wanted -- each program's partial sums of W, of
@@ -19,18 +14,29 @@ Four kernels, two passes over the N x d data:
 
 Precision of the dots (tl.dot accumulates in fp32 in every case):
 * fp32 hidden: ``input_precision="ieee"`` -- true fp32 FMAs, no tf32 rounding.
-* fp16/bf16 hidden, forward: H is exact in its own dtype; the fp32 basis is split
-  into hi + lo parts in that dtype and both are multiplied, into two independent
+* fp16/bf16 hidden, forward: H is exact in its own dtype; each fp32 basis tile is split,
+  in registers as it is loaded, into hi + lo parts in that dtype and both are multiplied, into two independent
   accumulators added at the end (about 16 mantissa bits of B, error ~1e-5 relative).
 * fp16/bf16 hidden, backward: dL/dZ and B are both split into bf16 hi + lo and
   the three leading products are summed (bf16 keeps fp32's range, so tiny
   1/W-scaled gradients do not underflow as they would in fp16).
 The k x k products (Gram partials, Z (G - G_A)) are always ieee fp32.
+
+The basis is split inside the kernels, not once per call into cached halves: an fp32
+tile is as many bytes as its bf16 hi + lo, and a cache keyed on the tensor can serve
+stale halves after writes that do not bump the version counter (``.data``, other
+kernels), misses on every copied basis, and is filled only at replay under CUDA-graph
+capture.  The split is the same elementwise rounding the cached one was, so Z is
+bitwise unchanged.
+
+Every launcher runs its kernels inside the device context of its tensors
+(``_device_context``): Triton launches on the *current* CUDA device, which for a model
+split over GPUs is not necessarily the one holding the hooked layer.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -59,7 +65,6 @@ FWD_CONFIG = TileConfig(block_n=128, block_d_half=128, block_d_fp32=64, num_warp
 BWD_CONFIG = TileConfig(block_n=32, block_d_half=128, block_d_fp32=128, num_warps=8, num_stages=3, programs_per_sm=4)
 FINALIZE_TILE = 16384  # elements of the partials the finalize program loads at once
 FINALIZE_WARPS = 8
-SPLIT_BLOCK_D = 256
 
 
 @triton.jit
@@ -74,36 +79,9 @@ def _half_dot(a, b, acc, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _split_basis_kernel(
-    B,
-    HI,
-    LO,
-    d,
-    k,
-    s_row,
-    s_col,
-    BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    """HI = round(B), LO = round(B - HI) in HI's dtype; element (j, c) of the (d, k)
-    fp32 basis goes to HI + j * s_row + c * s_col (columns c >= k are written as 0)."""
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_k = tl.arange(0, BLOCK_K)
-    cmask = cols < d
-    b = tl.load(B + cols[:, None] * k + offs_k[None, :], mask=cmask[:, None] & (offs_k < k)[None, :], other=0.0)
-    hi = b.to(HI.dtype.element_ty)
-    lo = (b - hi.to(tl.float32)).to(LO.dtype.element_ty)
-    dst = cols[:, None] * s_row + offs_k[None, :] * s_col
-    tl.store(HI + dst, hi, mask=cmask[:, None])
-    tl.store(LO + dst, lo, mask=cmask[:, None])
-
-
-@triton.jit
 def _penalty_fwd_kernel(
     H,
     B,
-    B_HI,
-    B_LO,
     A,
     WT,
     Z,
@@ -147,38 +125,28 @@ def _penalty_fwd_kernel(
         cols = tl.arange(0, BLOCK_D)
         # Pointers advance by one tile a step: no per-element 64-bit index math in the loop.
         h_ptrs = H + row_off[:, None] + cols[None, :] * s_hd
-        if SPLIT_BASIS:  # (d, BLOCK_K) hi/lo, zero-padded: no k mask
-            bh_ptrs = B_HI + cols[:, None] * BLOCK_K + offs_k[None, :]
-            bl_ptrs = B_LO + cols[:, None] * BLOCK_K + offs_k[None, :]
-        else:
-            b_ptrs = B + cols[:, None] * k + offs_k[None, :]
+        b_ptrs = B + cols[:, None] * k + offs_k[None, :]
         for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
             if EVEN_D:
                 if EVEN_N:
                     h = tl.load(h_ptrs)
                 else:
                     h = tl.load(h_ptrs, mask=rmask[:, None], other=0.0)
-                if SPLIT_BASIS:
-                    b_hi = tl.load(bh_ptrs)
-                    b_lo = tl.load(bl_ptrs)
-                else:
-                    b = tl.load(b_ptrs, mask=kmask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=kmask[None, :], other=0.0)
             else:
                 cmask = (d0 + cols) < d
                 h = tl.load(h_ptrs, mask=rmask[:, None] & cmask[None, :], other=0.0)
-                if SPLIT_BASIS:
-                    b_hi = tl.load(bh_ptrs, mask=cmask[:, None], other=0.0)
-                    b_lo = tl.load(bl_ptrs, mask=cmask[:, None], other=0.0)
-                else:
-                    b = tl.load(b_ptrs, mask=cmask[:, None] & kmask[None, :], other=0.0)
+                b = tl.load(b_ptrs, mask=cmask[:, None] & kmask[None, :], other=0.0)
             if SPLIT_BASIS:
+                # Split here rather than once per call: same bytes per tile as pre-split halves
+                # (4 vs 2 x 2), nothing cached that could go stale, nothing to allocate.
+                b_hi = b.to(H.dtype.element_ty)
+                b_lo = (b - b_hi.to(tl.float32)).to(H.dtype.element_ty)
                 z = _half_dot(h, b_hi, z, UPCAST_DOT)
                 z_lo = _half_dot(h, b_lo, z_lo, UPCAST_DOT)
-                bh_ptrs += BLOCK_D * BLOCK_K
-                bl_ptrs += BLOCK_D * BLOCK_K
             else:
                 z = tl.dot(h, b, z, input_precision="ieee")
-                b_ptrs += BLOCK_D * k
+            b_ptrs += BLOCK_D * k
             h_ptrs += BLOCK_D * s_hd
         if SPLIT_BASIS:
             z = z + z_lo
@@ -250,8 +218,6 @@ def _penalty_bwd_kernel(
     STATE,
     GLOSS,
     B,
-    BT_HI,
-    BT_LO,
     N,
     d,
     k,
@@ -311,29 +277,22 @@ def _penalty_bwd_kernel(
         cols = tl.arange(0, BLOCK_D)
         gin_ptrs = GIN + gin_off[:, None] + cols[None, :] * s_gd
         out_ptrs = GOUT + rows[:, None] * d + cols[None, :]
-        if SPLIT:  # (BLOCK_K, d) bf16 hi/lo, zero-padded rows: no k mask
-            bth_ptrs = BT_HI + offs_k[:, None] * d + cols[None, :]
-            btl_ptrs = BT_LO + offs_k[:, None] * d + cols[None, :]
-        else:
-            bt_ptrs = B + offs_k[:, None] + cols[None, :] * k
+        bt_ptrs = B + offs_k[:, None] + cols[None, :] * k
         for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
             cmask = (d0 + cols) < d
+            if EVEN_D:
+                bt = tl.load(bt_ptrs, mask=kmask[:, None], other=0.0)
+            else:
+                bt = tl.load(bt_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
             if SPLIT:
-                if EVEN_D:
-                    bt_hi = tl.load(bth_ptrs)
-                    bt_lo = tl.load(btl_ptrs)
-                else:
-                    bt_hi = tl.load(bth_ptrs, mask=cmask[None, :], other=0.0)
-                    bt_lo = tl.load(btl_ptrs, mask=cmask[None, :], other=0.0)
+                bt_hi = bt.to(tl.bfloat16)
+                bt_lo = (bt - bt_hi.to(tl.float32)).to(tl.bfloat16)
                 g = _half_dot(dz_hi, bt_hi, tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32), UPCAST_DOT)
                 g = _half_dot(dz_lo, bt_hi, g, UPCAST_DOT)
                 g = _half_dot(dz_hi, bt_lo, g, UPCAST_DOT)
-                bth_ptrs += BLOCK_D
-                btl_ptrs += BLOCK_D
             else:
-                bt = tl.load(bt_ptrs, mask=kmask[:, None] & cmask[None, :], other=0.0)
                 g = tl.dot(dz, bt, input_precision="ieee")
-                bt_ptrs += BLOCK_D * k
+            bt_ptrs += BLOCK_D * k
             if EVEN_N and EVEN_D:
                 if HAS_GRAD_IN:
                     g += tl.load(gin_ptrs).to(tl.float32)
@@ -352,48 +311,15 @@ def _penalty_bwd_kernel(
 # basis fp32 contiguous (d, k); anchors fp32 contiguous (N, k); weight fp32 contiguous (N,) or None.
 
 
-_SPLIT_CACHE: OrderedDict = OrderedDict()
-SPLIT_CACHE_SIZE = 16
-
-
-def _split_basis(basis: Tensor, dtype: torch.dtype, transposed: bool) -> tuple[Tensor, Tensor]:
-    """hi/lo parts of the fp32 basis in ``dtype``, (d, K) or, transposed, (K, d); K = padded k.
-
-    A training run passes the same basis every step, so the split is cached: keyed by
-    the basis' address and version counter (any in-place change bumps it), and the
-    entry holds the basis itself so its memory cannot be reused under the same address.
-    """
-    try:
-        key = (basis.data_ptr(), basis._version, tuple(basis.shape), str(basis.device), dtype, transposed)
-    except RuntimeError:  # inference-mode tensors have no version counter: do not cache
-        key = None
-    hit = _SPLIT_CACHE.get(key) if key is not None else None
-    if hit is not None:
-        _SPLIT_CACHE.move_to_end(key)
-        return hit[1], hit[2]
-    d, k = basis.shape
-    K = padded_k(k)
-    shape = (K, d) if transposed else (d, K)
-    hi = new_output(shape, dtype, basis.device)  # every element written, padding as 0
-    lo = new_output(shape, dtype, basis.device)
-    s_row, s_col = (1, d) if transposed else (K, 1)
-    _split_basis_kernel[(triton.cdiv(d, SPLIT_BLOCK_D),)](
-        basis,
-        hi,
-        lo,
-        d,
-        k,
-        s_row,
-        s_col,
-        BLOCK_D=SPLIT_BLOCK_D,
-        BLOCK_K=K,
-        num_warps=4,
-    )
-    if key is not None:
-        _SPLIT_CACHE[key] = (basis, hi, lo)
-        while len(_SPLIT_CACHE) > SPLIT_CACHE_SIZE:
-            _SPLIT_CACHE.popitem(last=False)
-    return hi, lo
+def _device_context(device: torch.device):
+    """Make the tensors' device current while launching: Triton launches on the current
+    device (and its current stream), which with a model split over GPUs need not be the
+    one holding the tensors.  Entered once per op, around all of its launches; it only
+    switches the current device (no sync, no allocation), so it is CUDA-graph capturable.
+    CPU tensors (the interpreter) need none."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, gram_coef: float, compute_loss: bool):
@@ -409,12 +335,9 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
     coords = new_output((N, k), torch.float32, device)
     partials = new_output((programs, part_width), torch.float32, device) if compute_loss else coords
     split = hidden.dtype != torch.float32
-    b_hi, b_lo = _split_basis(basis, hidden.dtype, transposed=False) if split else (basis, basis)
     _penalty_fwd_kernel[(programs,)](
         lay.tensor,
         basis,
-        b_hi,
-        b_lo,
         anchors if compute_loss else coords,
         weight if weight is not None else coords,
         coords,
@@ -464,12 +387,14 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
 
 
 def project(hidden: Tensor, basis: Tensor) -> Tensor:
-    coords, _, _ = _forward(hidden, basis, None, None, 0.0, 0.0, compute_loss=False)
+    with _device_context(hidden.device):
+        coords, _, _ = _forward(hidden, basis, None, None, 0.0, 0.0, compute_loss=False)
     return coords
 
 
 def loss_forward(hidden: Tensor, basis: Tensor, anchors: Tensor, weight, drift_coef: float, gram_coef: float):
-    return _forward(hidden, basis, anchors, weight, drift_coef, gram_coef, compute_loss=True)
+    with _device_context(hidden.device):
+        return _forward(hidden, basis, anchors, weight, drift_coef, gram_coef, compute_loss=True)
 
 
 def _backward(
@@ -494,7 +419,6 @@ def _backward(
     programs = persistent_programs(row_blocks, device, cfg.programs_per_sm)
     dummy = coords
     split = hidden_dtype != torch.float32
-    bt_hi, bt_lo = _split_basis(basis, torch.bfloat16, transposed=True) if split else (basis, basis)
     _penalty_bwd_kernel[(programs,)](
         gin,
         kernel_out,
@@ -504,8 +428,6 @@ def _backward(
         state if state is not None else dummy,
         grad_loss if grad_loss is not None else dummy,
         basis,
-        bt_hi,
-        bt_lo,
         N,
         d,
         k,
@@ -534,13 +456,15 @@ def _backward(
 
 
 def loss_backward(grad_in, grad_loss, coords, anchors, weight, state, basis, hidden_shape, hidden_dtype, gram_coef):
-    return _backward(
-        grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_shape, hidden_dtype, gram_coef, False
-    )
+    with _device_context(coords.device):
+        return _backward(
+            grad_in, coords, anchors, weight, state, grad_loss, basis, hidden_shape, hidden_dtype, gram_coef, False
+        )
 
 
 def project_backward(grad_coords: Tensor, basis: Tensor, hidden_shape, hidden_dtype) -> Tensor:
-    return _backward(None, grad_coords, None, None, None, None, basis, hidden_shape, hidden_dtype, 0.0, True)
+    with _device_context(grad_coords.device):
+        return _backward(None, grad_coords, None, None, None, None, basis, hidden_shape, hidden_dtype, 0.0, True)
 
 
 def is_usable(device: torch.device) -> bool:
