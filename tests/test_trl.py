@@ -126,7 +126,9 @@ def test_guarded_sft_trainer_assistant_only(tokenizer, chats, tmp_path):
     assert logs[0]["guard_penalty"] == 0.0
     assert logs[1]["guard_penalty"] > 0 and logs[2]["guard_penalty"] > 0
     for entry in logs:
-        assert entry["loss"] == pytest.approx(entry["task_loss"] + entry["guard_scale"] * entry["guard_penalty"], rel=1e-5)
+        assert entry["loss"] == pytest.approx(
+            entry["task_loss"] + entry["guard_scale"] * entry["guard_penalty"], rel=1e-5
+        )
         assert sum(entry[f"guard_drift/layer_{layer}"] for layer in LAYERS) == pytest.approx(
             entry["guard_penalty"], rel=1e-5
         )
@@ -156,7 +158,9 @@ def test_guarded_sft_trainer_assistant_only(tokenizer, chats, tmp_path):
     # The plain SFTTrainer from the same start: the first step is the task's alone (zero penalty,
     # zero gradient), then the guard pulls the adapter elsewhere.
     plain_model = lora_model(tokenizer)
-    plain = SFTTrainer(model=plain_model, args=sft_args(tmp_path / "plain"), train_dataset=chats, processing_class=tokenizer)
+    plain = SFTTrainer(
+        model=plain_model, args=sft_args(tmp_path / "plain"), train_dataset=chats, processing_class=tokenizer
+    )
     plain.train()
     plain_logs = [entry for entry in plain.state.log_history if "loss" in entry]
     assert logs[0]["task_loss"] == pytest.approx(plain_logs[0]["loss"], rel=1e-5)
@@ -175,6 +179,8 @@ def test_guard_follows_the_mask_columns_over_labels():
     assistant_masks = torch.tensor([[0, 1, 1, 0, 1, 0], [0, 0, 1, 1, 1, 1]])
     labels = input_ids.clone()  # loss on every token: the mask, not the labels, says what to guard
     for key in ("assistant_masks", "completion_mask"):
-        weight = guard.weights(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **{key: assistant_masks})
+        weight = guard.weights(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, **{key: assistant_masks}
+        )
         assert torch.equal(weight, assistant_masks.float())
     guard.remove()
