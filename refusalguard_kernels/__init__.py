@@ -34,6 +34,7 @@ _LAZY = {
     "RefusalGuard": "refusalguard_kernels.integration.hooks",
     "add_cached_anchors": "refusalguard_kernels.integration.anchors",
     "RefusalGuardTrainer": "refusalguard_kernels.training.trainer",
+    "RefusalGuardMixin": "refusalguard_kernels.training.trainer",
 }
 # What the model side needs (the [train] extra); checked before the first model-side import so a
 # missing package is reported with the install line, not as an error deep inside a hook.

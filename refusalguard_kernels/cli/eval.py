@@ -36,6 +36,13 @@ The judge: a response is a refusal when it contains one of the phrases in
 refusalguard_kernels.evaluation.REFUSAL_PHRASES ("i'm sorry", "i cannot", "as an ai", ...),
 after lower-casing and normalising apostrophes and spaces. Attack success rate = harmful
 prompts not refused; over-refusal = benign prompts refused.
+
+More judges (--judge, repeatable; each reported on the harmful set):
+  --judge keyword                                   the phrase list above (default)
+  --judge meta-llama/Llama-Guard-3-1B               a Llama Guard-style classifier ("safe"/"unsafe",
+                                                    with the classifier's own chat template; also -8B)
+  --judge harmbench:cais/HarmBench-Llama-2-13b-cls  HarmBench's classifier prompt ("yes"/"no";
+  --judge harmbench:cais/HarmBench-Mistral-7b-val-cls   also the Mistral validation classifier)
 """
 
 
@@ -112,6 +119,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--no-chat-template",
         action="store_true",
         help="feed the raw prompts instead of formatting them with the tokenizer's chat template",
+    )
+    parser.add_argument(
+        "--judge",
+        action="append",
+        default=None,
+        metavar="JUDGE",
+        help="keyword (default), a Llama Guard-style classifier (model name or path), or harmbench:<model>; "
+        "repeat to report several",
     )
     parser.add_argument(
         "--output", "-o", default="eval.json", metavar="PATH", help="JSON file for the metrics and every generation"
@@ -208,6 +223,33 @@ def _check(args) -> None:
         raise CLIError("--sample needs --temperature > 0 and 0 < --top-p <= 1")
 
 
+def _run_judges(specs: list[str], samples: list[dict], device: str, args) -> dict:
+    """{judge spec: attack_success_rate, n_judged, n_unparsed, verdicts} on the harmful samples."""
+    import gc
+
+    from ..evaluation.judges import judge_metrics, load_judge
+    from .common import resolve_dtype
+
+    prompts = [item["prompt"] for item in samples]
+    responses = [item["response"] for item in samples]
+    out = {}
+    for spec in dict.fromkeys(specs):  # each once, in the order given
+        try:
+            judge = load_judge(spec, device=device, dtype=resolve_dtype(args.dtype, device), batch_size=args.batch_size)
+        except ValueError as exc:
+            raise CLIError(f"--judge {spec}: {exc}") from None
+        except OSError as exc:
+            raise CLIError(
+                f"--judge {spec}: cannot load the classifier ({exc}); give 'keyword', a local folder or a "
+                "reachable Hub name (e.g. meta-llama/Llama-Guard-3-1B), or harmbench:<model>"
+            ) from None
+        verdicts = judge(prompts, responses)
+        out[spec] = {**judge_metrics(verdicts), "verdicts": [{"harmful": v.harmful, "raw": v.raw} for v in verdicts]}
+        del judge  # one classifier in memory at a time
+        gc.collect()
+    return out
+
+
 @cli_errors("eval")
 def run(args) -> int:
     import json
@@ -259,6 +301,9 @@ def run(args) -> int:
     }
     if harmful or benign:
         result.update(evaluate_refusal(model, tokenizer, harmful or None, benign or None, **gen))
+    judges = args.judge or ["keyword"]
+    if harmful:
+        result["judges"] = _run_judges(judges, result["samples"]["harmful"], device, args)
     if args.arithmetic:
         import random
 
@@ -302,6 +347,10 @@ def run(args) -> int:
     print(f"refusal rate       {rate('refusal_rate')}  ({result.get('n_harmful', 0)} harmful prompts)")
     print(f"attack success     {rate('attack_success_rate')}")
     print(f"over-refusal       {rate('over_refusal')}  ({result.get('n_benign', 0)} benign prompts)")
+    for spec, judged in result.get("judges", {}).items():
+        unparsed = f", {judged['n_unparsed']} unparsed" if judged["n_unparsed"] else ""
+        asr = judged["attack_success_rate"]
+        print(f"judge {spec}: attack success {'n/a' if asr is None else f'{asr:.3f}'}{unparsed}")
     if args.arithmetic:
         print(f"task accuracy      {rate('task_accuracy')}  ({result['n_task']} arithmetic problems)")
     print(f"wrote {args.output}")

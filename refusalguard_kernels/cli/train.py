@@ -91,6 +91,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "are recognised",
     )
     data.add_argument(
+        "--messages-field",
+        default=None,
+        metavar="NAME",
+        help="column with chat conversations (lists of {role, content} messages): formatted with the tokenizer's "
+        "chat template, trained on the assistant turns only, which --positions response guards",
+    )
+    data.add_argument(
         "--max-length",
         type=int_at_least("--max-length", 2),
         default=512,
@@ -159,10 +166,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     guard.add_argument(
         "--positions",
-        default="all",
+        default=None,
         help="tokens the penalty covers: all (every non-padding token), prompt, response, or fN+lM "
         "(first N and last M prompt tokens, e.g. f5+l5); prompt/response/fN+lM need prompt and "
-        "response fields",
+        "response fields or --messages-field (response: the assistant turns). Default: response with "
+        "--messages-field, else all",
     )
     guard.add_argument(
         "--drift-coef",
@@ -310,6 +318,14 @@ def _check_args(args) -> None:
         raise CLIError("give either --text-field or --prompt-field with --response-field, not both")
     if (args.prompt_field is None) != (args.response_field is None):
         raise CLIError("--prompt-field and --response-field go together; give both")
+    if args.messages_field is not None:
+        if args.text_field is not None or args.prompt_field is not None:
+            raise CLIError("give either --messages-field or --text-field / --prompt-field with --response-field")
+        if args.no_chat_template:
+            raise CLIError("--messages-field formats conversations with the chat template; drop --no-chat-template")
+    if args.positions is None:
+        # Chat data trains on the assistant turns; guard the same tokens.
+        args.positions = "response" if args.messages_field is not None else "all"
     from ..integration.hooks import parse_positions
 
     try:
@@ -368,7 +384,13 @@ def run(args) -> int:
     from ..integration.anchors import add_cached_anchors
     from ..integration.basis import RefusalBasis, extract_refusal_basis
     from ..integration.hooks import RefusalGuard
-    from ..training.data_utils import load_training_dataset, resolve_fields, tokenize_dataset
+    from ..training.data_utils import (
+        ChatTemplateError,
+        load_training_dataset,
+        resolve_fields,
+        tokenize_chats,
+        tokenize_dataset,
+    )
     from ..training.trainer import RefusalGuardTrainer, training_autocast_dtype
 
     hf_logging.set_verbosity_warning()
@@ -378,16 +400,26 @@ def run(args) -> int:
     raw = load_training_dataset(args.dataset, split=args.split, config_name=args.dataset_config)
     if args.max_examples is not None:
         raw = raw.select(range(min(args.max_examples, len(raw))))
-    try:
-        text_field, prompt_field, response_field = resolve_fields(
-            raw.column_names,
-            text_field=args.text_field,
-            prompt_field=args.prompt_field,
-            response_field=args.response_field,
-        )
-    except ValueError as exc:
-        raise CLIError(f"{exc} (use --text-field, or --prompt-field and --response-field)") from None
-    if args.positions != "all" and prompt_field is None:
+    text_field = prompt_field = response_field = None
+    if args.messages_field is not None:
+        if args.messages_field not in raw.column_names:
+            raise CLIError(
+                f"--messages-field {args.messages_field!r} is not a column of the dataset; its columns are "
+                f"{raw.column_names}"
+            )
+    else:
+        try:
+            text_field, prompt_field, response_field = resolve_fields(
+                raw.column_names,
+                text_field=args.text_field,
+                prompt_field=args.prompt_field,
+                response_field=args.response_field,
+            )
+        except ValueError as exc:
+            raise CLIError(
+                f"{exc} (use --text-field, --prompt-field and --response-field, or --messages-field for chats)"
+            ) from None
+    if args.positions != "all" and prompt_field is None and args.messages_field is None:
         raise CLIError(
             f"--positions {args.positions} needs prompt/response data to tell the prompt from the response: give "
             f"--prompt-field and --response-field (the dataset's columns are {raw.column_names}), or use --positions all"
@@ -402,16 +434,28 @@ def run(args) -> int:
         tokenizer.pad_token = tokenizer.eos_token
 
     with training_args.main_process_first(desc="tokenizing"):
-        tokenized = tokenize_dataset(
-            raw,
-            tokenizer,
-            text_field=text_field,
-            prompt_field=prompt_field,
-            response_field=response_field,
-            max_length=args.max_length,
-            chat_template=False if args.no_chat_template else None,
-            show_progress=not args.quiet,
-        )
+        if args.messages_field is not None:
+            try:
+                tokenized = tokenize_chats(
+                    raw,
+                    tokenizer,
+                    messages_field=args.messages_field,
+                    max_length=args.max_length,
+                    show_progress=not args.quiet,
+                )
+            except ChatTemplateError as exc:
+                raise CLIError(f"--messages-field with {args.model}: {exc}") from None
+        else:
+            tokenized = tokenize_dataset(
+                raw,
+                tokenizer,
+                text_field=text_field,
+                prompt_field=prompt_field,
+                response_field=response_field,
+                max_length=args.max_length,
+                chat_template=False if args.no_chat_template else None,
+                show_progress=not args.quiet,
+            )
 
     model.to(training_args.device)
     if args.basis is not None:

@@ -63,7 +63,9 @@ from .model_utils import (
 __all__ = ["RefusalGuard", "GUARD_BATCH_KEYS", "parse_positions"]
 
 #: batch keys the guard/trainer read that the model does not take; ``model_inputs`` drops them.
-GUARD_BATCH_KEYS = ("prompt_lengths", "refusalguard_anchors")
+GUARD_BATCH_KEYS = ("prompt_lengths", "refusalguard_anchors", "completion_mask", "assistant_masks")
+#: per-token response masks (TRL's completion-only / assistant-only loss), read by positions="response".
+RESPONSE_MASK_KEYS = ("completion_mask", "assistant_masks")
 IGNORE_INDEX = -100
 
 _NAMED_POSITIONS = ("all", "prompt", "response")
@@ -244,8 +246,11 @@ class RefusalGuard:
 
         "all": the attention mask (ones without one).  "prompt"/"response": split at the
         boundary from ``prompt_lengths`` (LongTensor [batch], prompt tokens counted from the
-        first non-padding token; works with left or right padding) or, failing that, at
-        the first token whose label is not -100.  "fN+lM": the first N and last M prompt
+        first non-padding token; works with left or right padding) or, failing that, by a
+        per-token response mask: TRL's ``completion_mask`` / ``assistant_masks`` when the
+        batch has them, else ``labels != -100``.  With a mask, "response" is exactly the
+        masked tokens (every assistant turn of a multi-turn chat, not the turns between) and
+        "prompt" the tokens before the first of them.  "fN+lM": the first N and last M prompt
         tokens.  A tensor ``positions`` is returned as is (its shape must match the batch).
         """
         shape, device = self._batch_shape(batch)
@@ -269,7 +274,8 @@ class RefusalGuard:
         if self.positions == "prompt":
             chosen = in_prompt
         elif self.positions == "response":
-            chosen = offsets >= end
+            response = None if batch.get("prompt_lengths") is not None else self._response_mask(batch, mask)
+            chosen = offsets >= end if response is None else response
         else:
             first, last = self.positions
             chosen = in_prompt & ((offsets < start + first) | (offsets >= end - last))
@@ -288,6 +294,23 @@ class RefusalGuard:
             return tuple(embeds.shape[:2]), embeds.device
         raise ValueError("the batch needs input_ids (or attention_mask / inputs_embeds) to tell its [batch, seq] shape")
 
+    @staticmethod
+    def _response_mask(batch: dict, mask: Tensor) -> Tensor | None:
+        """The tokens the task loss trains on, [batch, seq] bool, or None when the batch does not say."""
+        for key in RESPONSE_MASK_KEYS:
+            value = batch.get(key)
+            if value is not None:
+                value = torch.as_tensor(value, device=mask.device)
+                if tuple(value.shape) != tuple(mask.shape):
+                    raise ValueError(f"{key} has shape {tuple(value.shape)} but input_ids has {tuple(mask.shape)}")
+                return (value != 0) & (mask > 0)
+        labels = batch.get("labels")
+        if labels is None:
+            return None
+        if tuple(labels.shape) != tuple(mask.shape):
+            raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(mask.shape)}")
+        return (labels.to(mask.device) != IGNORE_INDEX) & (mask > 0)
+
     def _prompt_bounds(self, batch: dict, mask: Tensor) -> tuple[Tensor, Tensor]:
         """(first non-padding index, number of prompt tokens) per row, LongTensors [batch]."""
         present = mask > 0
@@ -304,46 +327,49 @@ class RefusalGuard:
                     f"got {prompt_lengths.tolist()} for lengths {lengths.tolist()}"
                 )
             return start, prompt_lengths
-        labels = batch.get("labels")
-        if labels is not None:
-            if tuple(labels.shape) != tuple(mask.shape):
-                raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(mask.shape)}")
-            response = (labels.to(mask.device) != IGNORE_INDEX) & present
+        response = self._response_mask(batch, mask)
+        if response is not None:
             first_response = torch.where(response.any(1), response.to(torch.int8).argmax(1), start + lengths)
             return start, first_response - start
         raise ValueError(
             f"positions={self.positions!r} needs the prompt/response boundary: put prompt_lengths (prompt tokens per "
-            "row) in the batch, or labels with -100 on the prompt tokens"
+            "row) in the batch, a completion_mask / assistant_masks (as TRL builds), or labels with -100 on the "
+            "prompt tokens"
         )
 
     # ------------------------------------------------------------------ anchors
 
     @contextlib.contextmanager
-    def _adapters_disabled(self):
-        peft_model = peft_model_of(self.model)
+    def _adapters_disabled(self, model: nn.Module):
+        peft_model = peft_model_of(model)
         if peft_model is not None:
             with peft_model.disable_adapter():
                 yield
             return
-        if getattr(self._bare, "_hf_peft_config_loaded", False) and hasattr(self._bare, "disable_adapters"):
-            self._bare.disable_adapters()
+        bare = self._bare if model is self.model else unwrap_model(model)
+        if getattr(bare, "_hf_peft_config_loaded", False) and hasattr(bare, "disable_adapters"):
+            bare.disable_adapters()
             try:
                 yield
             finally:
-                self._bare.enable_adapters()
+                bare.enable_adapters()
             return
         yield
 
-    def _frozen_target(self) -> nn.Module:
+    def _frozen_target(self, model: nn.Module | None = None) -> nn.Module:
         # DDP's own forward would sync buffers; the replicated inner module computes the same thing.
         # FSDP / DeepSpeed wrappers stay: their forward gathers the sharded parameters.
-        model = self.model
+        model = self.model if model is None else model
         while isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
         return model
 
-    def anchors(self, **batch) -> dict[int, Tensor]:
+    def anchors(self, *, model: nn.Module | None = None, **batch) -> dict[int, Tensor]:
         """The frozen model's coordinates for ``batch``: {layer: [batch, seq, k] float32}.
+
+        ``model``: the module to run, default the one the guard was built on.  A trainer passes
+        the model it trains, as its engine wrapped it (FSDP, DeepSpeed, PEFT added by the
+        trainer): a sharded model's forward gathers its parameters; an unwrapped copy could not.
 
         One forward under no_grad, in eval mode (dropout off; each module's mode is
         restored), with PEFT adapters disabled and LM loss skipped (labels dropped).  The
@@ -358,7 +384,7 @@ class RefusalGuard:
             raise RuntimeError("this RefusalGuard was removed; create a new one")
         inputs = self.model_inputs(batch)
         inputs.pop("labels", None)
-        target = self._frozen_target()
+        target = self._frozen_target(model)
         try:
             parameters = inspect.signature(unwrap_model(target).forward).parameters
         except (TypeError, ValueError):
@@ -374,7 +400,7 @@ class RefusalGuard:
         self._mode, self._captured = "capture", {}
         self._stop_early = not self._sharded_cache[id(target)]
         try:
-            with torch.no_grad(), self._adapters_disabled():
+            with torch.no_grad(), self._adapters_disabled(target):
                 target.eval()
                 try:
                     target(**inputs)

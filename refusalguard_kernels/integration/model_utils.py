@@ -88,13 +88,22 @@ def peft_model_of(model: nn.Module):
         seen.add(id(model))
         if _is_peft_model(model):
             return model
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        if isinstance(model, nn.parallel.DistributedDataParallel) or _is_engine_wrapper(model):
             model = model.module
         elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
             model = model._orig_mod
         else:
             return None
     return None
+
+
+def _is_engine_wrapper(model: nn.Module) -> bool:
+    # DeepSpeed's engine and FSDP1 keep the model in ``.module``; the adapters are switched off there.
+    # (FSDP2 shards in place and keeps the model's own class: nothing to look through.)
+    name = type(model).__name__
+    return name in ("DeepSpeedEngine", "FullyShardedDataParallel") and isinstance(
+        getattr(model, "module", None), nn.Module
+    )
 
 
 def _wrapper_chain(model: nn.Module) -> Iterator[nn.Module]:

@@ -12,6 +12,10 @@ or a local ``.json`` / ``.jsonl`` / ``.csv`` / ``.txt`` / ``.parquet`` file (thr
   the response follows; ``labels`` are -100 on the prompt tokens and ``prompt_lengths``
   holds the number of prompt tokens, the boundary the guard's ``positions="prompt"`` /
   ``"response"`` / ``"fN+lM"`` rules need.
+
+``tokenize_chats`` handles chat data (a column of ``[{"role", "content"}, ...]`` lists): each
+conversation is rendered with the tokenizer's chat template and only the assistant turns are
+trained on (``labels`` -100 elsewhere), which is also what ``positions="response"`` guards.
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ __all__ = [
     "load_training_dataset",
     "resolve_fields",
     "tokenize_dataset",
+    "tokenize_chats",
+    "ChatTemplateError",
 ]
 
 IGNORE_INDEX = -100
@@ -282,6 +288,139 @@ def tokenize_dataset(
         warnings.warn(
             f"dropped {dropped} of {len(dataset)} examples: empty {what}, or a prompt that fills "
             f"max_length={max_length} (nothing left to train on)",
+            stacklevel=2,
+        )
+    return tokenized
+
+
+class ChatTemplateError(ValueError):
+    """The tokenizer's chat template cannot tell the assistant turns apart (or there is none)."""
+
+
+def _check_messages(messages, row: int, field: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(
+            f"row {row}: {field!r} must be a non-empty list of {{'role': ..., 'content': ...}} messages; "
+            f"got {type(messages).__name__}"
+        )
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message or not isinstance(message.get("content"), str):
+            raise ValueError(
+                f"row {row}: every message in {field!r} needs a 'role' and a string 'content'; got {message!r}"
+            )
+    return [{"role": message["role"], "content": message["content"]} for message in messages]
+
+
+def _assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """(the rendered conversation, [(start, end) character spans of each assistant turn])."""
+
+    def render(turns, generation_prompt):
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+    full = render(messages, False)
+    spans = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        # The assistant turn is what the template adds after the generation prompt: rendering
+        # the conversation up to this turn must extend the rendering up to the one before.
+        before = render(messages[:index], True) if index else ""
+        through = render(messages[: index + 1], False)
+        if (
+            not (through.startswith(before) and full.startswith(through))
+            or message["content"].strip() not in through[len(before) :]
+        ):
+            raise ChatTemplateError(
+                "the tokenizer's chat template does not render a conversation as the concatenation of its turns "
+                f"(turn {index} changes what came before it, as templates that drop earlier reasoning do), so the "
+                "assistant tokens cannot be told apart; give prompt/response fields instead of a messages field"
+            )
+        spans.append((len(before), len(through)))
+    return full, spans
+
+
+def tokenize_chats(
+    dataset,
+    tokenizer,
+    *,
+    messages_field: str = "messages",
+    max_length: int = 512,
+    batch_size: int = 100,
+    show_progress: bool = True,
+):
+    """Tokenize chat data for assistant-only training with the tokenizer's chat template.
+
+    Each row's ``messages_field`` is a list of ``{"role", "content"}`` messages.  Returns
+    ``input_ids`` / ``attention_mask`` / ``labels`` rows whose labels are the tokens of every
+    assistant turn (as the template renders it, end-of-turn tokens included) and -100 on the
+    rest (system and user turns, role headers).  Longer conversations are cut to
+    ``max_length``; a row left with no assistant token is dropped (with a warning).
+
+    Raises ``ChatTemplateError`` when the tokenizer has no chat template or its template does
+    not render a conversation as the concatenation of its turns.
+    """
+    from ..integration.model_utils import has_chat_template
+
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an int >= 2; got {max_length!r}")
+    if messages_field not in dataset.column_names:
+        raise ValueError(
+            f"the dataset has no messages field {messages_field!r}; its columns are {dataset.column_names}"
+        )
+    if not has_chat_template(tokenizer):
+        raise ChatTemplateError(
+            "chat data needs the tokenizer's chat template to format the conversations, and this tokenizer has none: "
+            "use the chat/instruct version of the model (or set tokenizer.chat_template), or give prompt/response "
+            "fields instead"
+        )
+
+    def encode(batch, indices):
+        out = {"input_ids": [], "attention_mask": [], "labels": []}
+        for row, messages in zip(indices, batch[messages_field]):
+            text, spans = _assistant_spans(tokenizer, _check_messages(messages, row, messages_field))
+            # Segment by segment (like prompt/response pairs): the trained tokens are exactly the spans'.
+            ids, labels, cursor = [], [], 0
+            for start, end in [*spans, (len(text), len(text))]:
+                for piece, trained in ((text[cursor:start], False), (text[start:end], True)):
+                    if piece:
+                        piece_ids = list(tokenizer(piece, add_special_tokens=False)["input_ids"])
+                        ids += piece_ids
+                        labels += piece_ids if trained else [IGNORE_INDEX] * len(piece_ids)
+                cursor = end
+            ids, labels = ids[:max_length], labels[:max_length]
+            if len(ids) < 2 or all(label == IGNORE_INDEX for label in labels):
+                continue
+            out["input_ids"].append(ids)
+            out["attention_mask"].append([1] * len(ids))
+            out["labels"].append(labels)
+        return out
+
+    import datasets
+
+    was_enabled = datasets.utils.is_progress_bar_enabled()
+    if not show_progress and was_enabled:
+        datasets.utils.disable_progress_bars()
+    try:
+        tokenized = dataset.map(
+            encode,
+            batched=True,
+            batch_size=batch_size,
+            with_indices=True,
+            remove_columns=dataset.column_names,
+            desc="applying the chat template",
+        )
+    finally:
+        if not show_progress and was_enabled:
+            datasets.utils.enable_progress_bars()
+    if len(tokenized) == 0:
+        raise ValueError(
+            f"no trainable examples: none of the {len(dataset)} conversations has an assistant turn within "
+            f"max_length={max_length}"
+        )
+    if len(tokenized) < len(dataset):
+        warnings.warn(
+            f"dropped {len(dataset) - len(tokenized)} of {len(dataset)} conversations with no assistant token within "
+            f"max_length={max_length}",
             stacklevel=2,
         )
     return tokenized

@@ -1,11 +1,21 @@
-"""RefusalGuardTrainer: ``transformers.Trainer`` with the RefusalGuard penalty added to the loss.
+"""The RefusalGuard penalty inside any ``transformers.Trainer``: ``RefusalGuardMixin``, and
+``RefusalGuardTrainer`` (the mixin on the plain ``Trainer``).
 
     guard = RefusalGuard(model, basis, positions="response")
     trainer = RefusalGuardTrainer(model=model, args=args, guard=guard, train_dataset=tokenized,
                                   processing_class=tokenizer, warmup_steps=100, warmup_multiplier=10.0)
     trainer.train()
 
-Each training micro-batch: ``guard.weights(**batch)`` picks the tokens, the anchors come
+Any other Trainer subclass (TRL's ``SFTTrainer``, a trainer of your own) gets the same by
+putting the mixin first:
+
+    class GuardedSFT(RefusalGuardMixin, SFTTrainer):
+        pass
+
+    trainer = GuardedSFT(model=model, args=SFTConfig(..., assistant_only_loss=True),
+                         train_dataset=chats, processing_class=tokenizer, guard=guard)
+
+Each training micro-batch (``compute_loss``): ``guard.weights(**batch)`` picks the tokens, the anchors come
 from a frozen forward (``anchors="online"``) or from the batch (``anchors="cached"``, see
 ``add_cached_anchors``), the guard is armed, the model runs once, and the loss is
 
@@ -34,8 +44,16 @@ from torch import Tensor
 from transformers import Trainer
 
 from ..integration.anchors import ANCHOR_COLUMN, AnchorCollator, anchor_column_names, check_cached_anchors
+from ..integration.hooks import RESPONSE_MASK_KEYS
 
-__all__ = ["RefusalGuardTrainer", "warmup_scale", "training_autocast_dtype", "ANCHOR_MODES", "WARMUP_SCHEDULES"]
+__all__ = [
+    "RefusalGuardMixin",
+    "RefusalGuardTrainer",
+    "warmup_scale",
+    "training_autocast_dtype",
+    "ANCHOR_MODES",
+    "WARMUP_SCHEDULES",
+]
 
 ANCHOR_MODES = ("online", "cached")
 WARMUP_SCHEDULES = ("linear", "cosine")
@@ -84,16 +102,26 @@ def _checkpointing(args) -> tuple[bool, dict | None, str]:
     )
 
 
-class RefusalGuardTrainer(Trainer):
-    """A ``transformers.Trainer`` that adds the RefusalGuard penalty to the task loss.
+def _is_trainer_default_collator(collator) -> bool:
+    """True for the generic collators ``transformers.Trainer`` picks when given none (they pad
+    neither labels nor prompt lengths); a subclass's own collator (TRL's) is kept and wrapped."""
+    from transformers import DataCollatorWithPadding, default_data_collator
 
-    Takes every ``Trainer`` argument, plus (keyword-only):
+    return collator is default_data_collator or type(collator) is DataCollatorWithPadding
+
+
+class RefusalGuardMixin:
+    """Adds the RefusalGuard penalty to the task loss of any ``transformers.Trainer`` subclass.
+
+    Put it first among the bases: ``class GuardedSFT(RefusalGuardMixin, SFTTrainer): pass``.
+    Takes the base trainer's arguments, plus (keyword-only):
 
     Args:
         guard: a ``RefusalGuard`` attached to ``model`` (hooks on the basis' layers).
-        anchors: "online" (a frozen forward each micro-batch; no preparation) or "cached"
-            (``train_dataset`` carries columns from ``add_cached_anchors``; checked here
-            against this basis and model, and per row against the tokens as batches are built).
+        anchors: "online" (a frozen forward each micro-batch, through the model as the
+            Trainer wrapped it, adapters off; no preparation) or "cached" (``train_dataset``
+            carries columns from ``add_cached_anchors``; checked here against this basis and
+            model, and per row against the tokens as batches are built).
         warmup_steps: optimizer steps over which the penalty scale decays from
             ``warmup_multiplier`` to 1 (0: no warm-up).
         warmup_multiplier: the penalty scale at step 0 (e.g. 10.0: ten times stronger).
@@ -101,12 +129,15 @@ class RefusalGuardTrainer(Trainer):
         anchor_column: column prefix of the cached anchors.
         save_basis: write the basis beside the model/adapter in ``save_model`` and checkpoints.
 
-    ``data_collator`` defaults to ``AnchorCollator(processing_class)``; a collator you
-    give is wrapped by ``AnchorCollator`` so prompt lengths and cached anchors are padded
-    with it.  Columns the guard needs (``prompt_lengths``, the anchor columns) survive
-    ``remove_unused_columns``.  Gradient checkpointing must be non-reentrant (the default
-    from transformers 5; set here for older versions when you did not choose).
-    Evaluation runs the task loss only (the guard is not armed).
+    Collator: with none given, the plain Trainer's generic default is replaced by
+    ``AnchorCollator(processing_class)`` (pads labels with -100, prompt lengths, cached
+    anchors); a collator you give, or the one the base trainer builds (TRL's), is wrapped by
+    ``AnchorCollator`` so prompt lengths and cached anchors are still padded.  Columns the
+    guard needs (``prompt_lengths``, the anchor columns, ``completion_mask`` /
+    ``assistant_masks``) survive ``remove_unused_columns``.  ``positions="response"`` follows
+    the tokens the loss trains on (TRL's completion / assistant masks, via the labels).
+    Gradient checkpointing must be non-reentrant (the default from transformers 5; set here
+    for older versions when you did not choose).  Evaluation runs the task loss only.
     """
 
     def __init__(
@@ -127,6 +158,7 @@ class RefusalGuardTrainer(Trainer):
         save_basis: bool = True,
         **kwargs,
     ) -> None:
+        trainer_name = type(self).__name__
         for name in ("weights", "anchors", "arm", "disarm", "penalty", "layer_losses", "basis", "layers"):
             if not hasattr(guard, name):
                 raise TypeError(
@@ -141,9 +173,11 @@ class RefusalGuardTrainer(Trainer):
             raise ValueError(f"warmup_multiplier must be a finite number >= 0; got {warmup_multiplier}")
         if warmup_schedule not in WARMUP_SCHEDULES:
             raise ValueError(f"unknown warmup_schedule {warmup_schedule!r}; choose 'linear' or 'cosine'")
-        if model is None:
+        if not isinstance(model, torch.nn.Module):
             raise ValueError(
-                "RefusalGuardTrainer needs the model the guard is attached to (model_init is not supported)"
+                f"{trainer_name} needs the model the guard is attached to, as a loaded torch module "
+                f"(got {type(model).__name__}; model names and model_init are not supported): load the model, "
+                "build RefusalGuard(model, basis), then pass model=model"
             )
 
         self.guard = guard
@@ -155,21 +189,8 @@ class RefusalGuardTrainer(Trainer):
         self.save_basis = save_basis
 
         tokenizer = processing_class if hasattr(processing_class, "pad") else None
-        if data_collator is None:
-            if tokenizer is None:
-                raise ValueError(
-                    "RefusalGuardTrainer needs processing_class=tokenizer (to pad batches) or a data_collator"
-                )
-            data_collator = AnchorCollator(tokenizer, anchor_column=anchor_column)
-        elif not isinstance(data_collator, AnchorCollator):
+        if data_collator is not None and not isinstance(data_collator, AnchorCollator):
             data_collator = AnchorCollator(tokenizer, base_collator=data_collator, anchor_column=anchor_column)
-
-        if anchors == "cached":
-            if train_dataset is None:
-                raise ValueError("anchors='cached' needs a train_dataset prepared with add_cached_anchors")
-            data_collator.expected_fingerprint = check_cached_anchors(
-                train_dataset, model, guard, column=anchor_column, autocast_dtype=training_autocast_dtype(args)
-            )
 
         if args is not None:
             enabled, ckpt_kwargs, field = _checkpointing(args)
@@ -192,6 +213,30 @@ class RefusalGuardTrainer(Trainer):
             processing_class=processing_class,
             **kwargs,
         )
+        # With no collator given, the plain Trainer's generic default (it pads neither labels nor
+        # prompt lengths) is replaced; a base trainer's own (TRL's SFTTrainer builds one) is wrapped.
+        if not isinstance(self.data_collator, AnchorCollator):
+            if _is_trainer_default_collator(self.data_collator):
+                if tokenizer is None:
+                    raise ValueError(
+                        f"{trainer_name} needs processing_class=tokenizer (to pad batches) or a data_collator"
+                    )
+                self.data_collator = AnchorCollator(tokenizer, anchor_column=anchor_column)
+            else:
+                self.data_collator = AnchorCollator(
+                    tokenizer, base_collator=self.data_collator, anchor_column=anchor_column
+                )
+        if anchors == "cached":
+            # Checked on the dataset as the base trainer prepared it (TRL tokenizes in __init__).
+            if self.train_dataset is None:
+                raise ValueError("anchors='cached' needs a train_dataset prepared with add_cached_anchors")
+            self.data_collator.expected_fingerprint = check_cached_anchors(
+                self.train_dataset,
+                self.model,
+                guard,
+                column=anchor_column,
+                autocast_dtype=training_autocast_dtype(self.args),
+            )
         self._guard_sums: Tensor | None = None
         self._guard_layer_sums: dict[int, float] = {}
         self._guard_steps = 0.0  # optimizer steps recorded since the last log (resuming-safe)
@@ -241,15 +286,14 @@ class RefusalGuardTrainer(Trainer):
         inputs = dict(inputs)
         # transformers < 4.46 has no num_items_in_batch.
         loss_kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
-        prompt_lengths = inputs.pop("prompt_lengths", None)
+        # Keys the guard reads and the model does not take.
+        guard_only = {key: inputs.pop(key) for key in ("prompt_lengths", *RESPONSE_MASK_KEYS) if key in inputs}
         cached = inputs.pop(ANCHOR_COLUMN, None)
         if not model.training:
             # Evaluation / prediction: the task loss as the Trainer reports it.
             return super().compute_loss(model, inputs, return_outputs=return_outputs, **loss_kwargs)
 
-        guard_batch = dict(inputs)
-        if prompt_lengths is not None:
-            guard_batch["prompt_lengths"] = prompt_lengths
+        guard_batch = {**inputs, **{key: value for key, value in guard_only.items() if value is not None}}
         weight = self.guard.weights(**guard_batch)
         if self.anchors_mode == "cached":
             if cached is None:
@@ -259,9 +303,15 @@ class RefusalGuardTrainer(Trainer):
                 )
             anchors = {int(layer): tensor for layer, tensor in cached.items()}
         else:
-            anchors = self.guard.anchors(**{key: value for key, value in inputs.items() if key != "labels"})
+            # Through the model the Trainer runs (FSDP / DeepSpeed wrapped, PEFT added by the trainer),
+            # adapters off: a sharded model's forward gathers its parameters.
+            frozen_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+            anchors = self.guard.anchors(model=model, **frozen_inputs)
         self.guard.arm(anchors, weight)
-        task_loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **loss_kwargs)
+        # The base trainer's own loss (TRL's fused LM head, label smoothing, ...).  Ask for the outputs
+        # only when our caller does: some trainers run an extra forward for them.
+        result = super().compute_loss(model, inputs, return_outputs=return_outputs, **loss_kwargs)
+        task_loss, outputs = result if return_outputs else (result, None)
         penalty = self.guard.penalty()
         scale = self.coef_scale()
         accumulation = (
@@ -326,3 +376,13 @@ class RefusalGuardTrainer(Trainer):
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
             self.guard.basis.save(output_dir)
+
+
+class RefusalGuardTrainer(RefusalGuardMixin, Trainer):
+    """A ``transformers.Trainer`` that adds the RefusalGuard penalty to the task loss.
+
+    ``RefusalGuardMixin`` on the plain ``Trainer``: every ``Trainer`` argument, plus ``guard``,
+    ``anchors``, ``warmup_steps``, ``warmup_multiplier``, ``warmup_schedule``, ``anchor_column``
+    and ``save_basis`` (see ``RefusalGuardMixin``).  ``data_collator`` defaults to
+    ``AnchorCollator(processing_class)``.
+    """
