@@ -228,7 +228,12 @@ class RefusalBasis:
             raise FileNotFoundError(
                 f"no refusal basis at {str(path)!r}; create one with extract_refusal_basis(...).save(path)"
             )
+        fix = (
+            "re-create it (extract_refusal_basis(...).save(path) or `refusalguard extract`), or copy it again "
+            "from the training output dir / checkpoint it came from"
+        )
         try:
+            size = path.stat().st_size
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 header = f.metadata() or {}
                 if header.get("refusalguard_format") != _FORMAT:
@@ -239,13 +244,21 @@ class RefusalBasis:
                 for key in f.keys():
                     if not key.startswith("layer.") or not key[len("layer.") :].isdigit():
                         raise ValueError(f"{str(path)!r} holds an unexpected tensor {key!r}; expected 'layer.<index>'")
-                    bases[int(key[len("layer.") :])] = f.get_tensor(key)
-        except ValueError:
-            raise
+                    bases[int(key[len("layer.") :])] = f.get_tensor(key).clone()
+            # safetensors maps the data lazily: a file cut short can still open; its header says how long it must be.
+            with open(path, "rb") as raw:
+                header_len = int.from_bytes(raw.read(8), "little")
+            needed = 8 + header_len + sum(t.numel() * t.element_size() for t in bases.values())
+            if size < needed:
+                raise ValueError(f"it is truncated ({size} bytes, the header describes {needed})")
+            metadata = json.loads(header.get("metadata", "{}"))
+            basis = cls(bases, metadata)
         except Exception as exc:
-            raise ValueError(f"cannot read refusal basis {str(path)!r}: {exc}") from exc
-        metadata = json.loads(header.get("metadata", "{}"))
-        basis = cls(bases, metadata)
+            if isinstance(exc, ValueError) and "not a RefusalBasis" in str(exc):
+                raise
+            raise ValueError(
+                f"cannot read refusal basis {str(path)!r} (corrupted or truncated?): {exc}; {fix}"
+            ) from exc
         if hidden_size is not None and hidden_size != basis.hidden_size:
             raise ValueError(
                 f"the basis in {str(path)!r} has hidden size {basis.hidden_size} "
