@@ -316,3 +316,128 @@ def test_bad_inputs(dataset, model, guard):
         add_cached_anchors(dataset, model, guard, batch_size=0)
     with pytest.raises(TypeError, match="datasets.Dataset"):
         add_cached_anchors(dataset.to_list(), model, guard)
+
+
+# ---------------------------------------------------------------------- issue #10: full fingerprint
+
+
+@pytest.fixture()
+def three_layer(tokenizer):
+    """A fresh 3-layer model (editable per test), a guard on layers [1] and its cached dataset."""
+    model = tiny_model("llama", tokenizer, seed=4, layers=3)
+    guard = RefusalGuard(model, random_basis(layers=[1]), backend="torch")
+    data = add_cached_anchors(
+        datasets.Dataset.from_list(random_rows(6, seed=2)), model, guard, batch_size=3, show_progress=False
+    )
+    yield model, guard, data
+    guard.remove()
+
+
+def _edit_one_element(tensor: torch.Tensor, index: int) -> None:
+    with torch.no_grad():
+        flat = tensor.view(-1)
+        flat[index] = flat[index] + 1e-3
+
+
+def test_unchanged_model_is_accepted(three_layer):
+    model, guard, data = three_layer
+    assert check_cached_anchors(data, model, guard) == anchors_fingerprint(model, guard)
+
+
+def test_one_element_below_the_guarded_layer_is_named(three_layer):
+    model, guard, data = three_layer
+    _edit_one_element(model.model.layers[0].mlp.up_proj.weight, 17)
+    with pytest.raises(CachedAnchorsError, match="different model") as info:
+        check_cached_anchors(data, model, guard)
+    message = str(info.value)
+    assert "changed: model.layers.0.mlp.up_proj.weight" in message
+    assert "model.layers.1" not in message and "add_cached_anchors" in message
+
+
+def test_element_the_old_strided_sample_skipped_is_caught(three_layer):
+    """The old fingerprint hashed 512 strided elements: in the 200x32 embedding (6400 elements,
+    stride 12) element 13 was never read."""
+    model, guard, data = three_layer
+    embedding = model.model.embed_tokens.weight
+    assert embedding.numel() // 512 > 1 and 13 % (embedding.numel() // 512) != 0
+    _edit_one_element(embedding, 13)
+    with pytest.raises(CachedAnchorsError, match="changed: model.embed_tokens.weight"):
+        check_cached_anchors(data, model, guard)
+
+
+def test_non_layer_modules_before_the_layers_are_covered(three_layer):
+    """Floating buffers count too: the rotary frequencies shape every layer's attention."""
+    model, guard, data = three_layer
+    with torch.no_grad():
+        model.model.rotary_emb.inv_freq[1] *= 1.5
+    with pytest.raises(CachedAnchorsError, match="rotary_emb.inv_freq"):
+        check_cached_anchors(data, model, guard)
+
+
+def test_layers_above_the_last_guarded_one_and_the_head_are_not_covered(three_layer):
+    """They run after the guarded layer, so they cannot change its anchors: the cache stays valid."""
+    model, guard, data = three_layer
+    _edit_one_element(model.model.layers[2].self_attn.q_proj.weight, 3)
+    _edit_one_element(model.lm_head.weight, 5)
+    assert check_cached_anchors(data, model, guard) == anchors_fingerprint(model, guard)
+
+
+def test_guard_on_inner_model_caches_frozen_anchors_and_ignores_adapter_weights(tokenizer):
+    """Issue #10: with the guard on get_base_model(), the cached anchors came from the adapted
+    weights (and the LoRA weights were part of the fingerprint)."""
+    from peft import LoraConfig, get_peft_model
+
+    rows = datasets.Dataset.from_list(random_rows(6, seed=3))
+    plain_model = tiny_model("llama", tokenizer, seed=0)
+    with RefusalGuard(plain_model, random_basis(), backend="torch") as plain_guard:
+        plain = add_cached_anchors(rows, plain_model, plain_guard, batch_size=3, show_progress=False)
+    peft_model = get_peft_model(
+        tiny_model("llama", tokenizer, seed=0), LoraConfig(r=2, target_modules=["q_proj", "v_proj"], lora_dropout=0.0)
+    )
+    gen = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.5 * torch.randn(param.shape, generator=gen))
+    inner = peft_model.get_base_model()
+    with RefusalGuard(inner, random_basis(), backend="torch") as guard:
+        cached = add_cached_anchors(rows, inner, guard, batch_size=3, show_progress=False)
+        for name in anchor_column_names(LAYERS).values():
+            assert cached[name] == plain[name]
+        # training moves the adapter: the cache stays valid, at every wrapper level
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_A" in name:
+                    param.mul_(1.5)
+        assert check_cached_anchors(cached, inner, guard) == check_cached_anchors(cached, peft_model, guard)
+
+
+def test_interrupted_cache_build_leaves_nothing_reusable(tmp_path, tokenizer, monkeypatch):
+    """A build that dies midway leaves no cache file a later run could pick up, and the next
+    build computes every row."""
+    datasets.Dataset.from_list(random_rows(9, seed=5)).save_to_disk(tmp_path / "data")
+    data = datasets.load_from_disk(tmp_path / "data")
+    before = sorted(p.name for p in (tmp_path / "data").iterdir())
+    model = tiny_model("llama", tokenizer, seed=0)
+    with RefusalGuard(model, random_basis(), backend="torch") as guard:
+        real, calls = guard.anchors, []
+
+        def dies_on_the_second_batch(**batch):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt("interrupted")
+            return real(**batch)
+
+        monkeypatch.setattr(guard, "anchors", dies_on_the_second_batch)
+        with pytest.raises(KeyboardInterrupt):
+            add_cached_anchors(data, model, guard, batch_size=3, show_progress=False)
+        assert sorted(p.name for p in (tmp_path / "data").iterdir()) == before
+        monkeypatch.setattr(guard, "anchors", real)
+        calls.clear()
+        counted = []
+        monkeypatch.setattr(guard, "anchors", lambda **batch: counted.append(1) or real(**batch))
+        cached = add_cached_anchors(data, model, guard, batch_size=3, show_progress=False)
+        assert len(counted) == 3  # all three batches computed again, nothing reused
+        check_cached_anchors(cached, model, guard)
+        names = anchor_column_names(LAYERS)
+        assert all(len(row[names[0]]) == len(row["input_ids"]) for row in cached)

@@ -346,3 +346,59 @@ def test_basis_validation():
         RefusalBasis({0: good}, {"hidden_size": 8})
     moved = basis.to("cpu")
     assert torch.equal(moved[3], basis[3]) and moved is not basis
+
+
+# ---------------------------------------------------------------------------- issue #10
+
+
+def test_corrupted_or_truncated_basis_file_is_a_clear_error(tmp_path):
+    """A cut-short or bit-flipped refusal_basis.safetensors names the file and the fix."""
+    basis = random_basis(tiny_model("llama"), [0, 2], k=2)
+    path = basis.save(tmp_path / "refusal_basis.safetensors")
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    cases = {
+        "truncated.safetensors": data[: len(data) - 40],  # a copy cut off inside the tensor data
+        "header_cut.safetensors": data[: 8 + header_len // 2],
+    }
+    flipped = bytearray(data)
+    flipped[8 + header_len + 3] ^= 0x40  # an exponent bit of the first stored value: not orthonormal
+    cases["flipped.safetensors"] = bytes(flipped)
+    for name, content in cases.items():
+        bad = tmp_path / name
+        bad.write_bytes(content)
+        with pytest.raises(ValueError, match="corrupted or truncated") as info:
+            RefusalBasis.load(bad)
+        assert str(bad) in str(info.value) and "extract_refusal_basis" in str(info.value), name
+    assert torch.equal(RefusalBasis.load(path)[2], basis[2])  # the intact file still loads
+
+
+def test_extraction_on_an_adapted_model_uses_the_frozen_weights(tokenizer):
+    """Whatever level of a PeftModel is given, a moved adapter does not change the basis (adapters
+    are switched off for the pass and switched back on after); adapters='on' measures the tuned model."""
+    from peft import LoraConfig, get_peft_model
+
+    from refusalguard_kernels.integration.model_utils import adapter_layers
+
+    plain = extract_refusal_basis(
+        tiny_model("llama", seed=0), tokenizer, HARMFUL, HARMLESS, layers=[1, 2], show_progress=False
+    )
+    peft_model = get_peft_model(
+        tiny_model("llama", seed=0), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"], lora_dropout=0.0)
+    )
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.5 * torch.randn(param.shape, generator=gen))
+    for model in (peft_model, peft_model.base_model, peft_model.get_base_model()):
+        frozen = extract_refusal_basis(model, tokenizer, HARMFUL, HARMLESS, layers=[1, 2], show_progress=False)
+        for layer in (1, 2):
+            torch.testing.assert_close(frozen[layer], plain[layer], atol=1e-6, rtol=0)
+        assert not any(module._disable_adapters for _, module in adapter_layers(peft_model))
+    tuned = extract_refusal_basis(
+        peft_model.get_base_model(), tokenizer, HARMFUL, HARMLESS, layers=[2], adapters="on", show_progress=False
+    )
+    assert (tuned[2] - plain[2]).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="unknown adapters"):
+        extract_refusal_basis(peft_model, tokenizer, HARMFUL, HARMLESS, adapters="maybe", show_progress=False)

@@ -371,3 +371,44 @@ def test_extract_option_mistakes(models, tmp_path, capsys):
         main(["extract", str(models["llama"]), "--layers", "a-b"])
     assert info.value.code == 2
     assert re.search(r"cannot read layers 'a-b'", capsys.readouterr().err)
+
+
+def test_train_resume_from_the_latest_checkpoint_equals_one_run(models, data, llama_basis, tmp_path, capsys):
+    """Issue #10: --resume (no value: the latest checkpoint in --output-dir) after an interruption
+    gives the adapter of an uninterrupted run, bit for bit on CPU."""
+    from safetensors.torch import load_file
+
+    options = ["--basis", llama_basis, "--positions", "response", "--save-steps", "2", "--warmup-steps", "3"]
+    options += ["--lr", "0.02"]
+
+    def train(out_dir, *extra):
+        args = _train_args(models["llama"], data["pairs"], out_dir, *options, *extra)
+        args[args.index("--steps") + 1] = "4"
+        args[args.index("--batch-size") + 1] = "2"
+        code, out, err = run_cli(args, capsys)
+        assert code == 0, err
+        return out
+
+    train(tmp_path / "straight")
+    train(tmp_path / "broken")
+    # what a run killed during step 3 leaves behind: checkpoint-2 only, no final adapter
+    broken = tmp_path / "broken"
+    shutil.rmtree(broken / "checkpoint-4")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        (broken / name).unlink()
+    out = train(broken, "--resume")
+    want = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    got = load_file(broken / "adapter_model.safetensors")
+    assert want.keys() == got.keys() and want
+    for name in want:
+        assert torch.equal(want[name], got[name]), name
+    # 2 logged steps after the resume, not 4: it did continue from checkpoint-2
+    assert len(_logged(out)) == 2
+
+
+def test_train_resume_errors(models, data, llama_basis, tmp_path, capsys):
+    base = _train_args(models["llama"], data["pairs"], tmp_path / "empty", "--basis", llama_basis)
+    code, _, err = run_cli(base + ["--resume"], capsys)
+    assert code == 2 and "no checkpoint-N folder" in err and "--resume PATH" in err
+    code, _, err = run_cli(base + ["--resume", str(tmp_path)], capsys)
+    assert code == 2 and "not a Trainer checkpoint folder" in err

@@ -762,3 +762,122 @@ def test_bad_anchors():
     with pytest.raises(ValueError, match="arm with guard.anchors"):
         model(**random_batch(batch=2))
     guard.remove()
+
+
+# ---------------------------------------------------------------------------- frozen anchors at any level
+
+
+def _adapted(config_kind: str, seed: int = 11):
+    """A tiny llama with a PEFT adapter whose weights have moved away from their no-op init."""
+    from peft import IA3Config, LoraConfig, get_peft_model
+
+    base = tiny_model("llama")
+    if config_kind == "ia3":
+        config = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    else:
+        config = LoraConfig(
+            r=4, target_modules=["q_proj", "v_proj", "o_proj"], lora_dropout=0.0, use_dora=config_kind == "dora"
+        )
+    peft_model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in peft_model.parameters():
+            if param.requires_grad:
+                param.add_(0.3 * torch.randn(param.shape, generator=gen))
+    return peft_model
+
+
+_LEVELS = {
+    "peft_model": lambda pm: pm,
+    "base_model": lambda pm: pm.base_model,  # the LoraModel / IA3Model
+    "get_base_model": lambda pm: pm.get_base_model(),  # the transformers causal LM
+    "decoder": lambda pm: pm.get_base_model().model,  # the bare LlamaModel (model.model)
+}
+
+
+@pytest.mark.parametrize("adapter", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("level", ["base_model", "get_base_model", "decoder"])
+def test_guard_on_inner_model_anchors_to_frozen_weights(adapter, level):
+    """Issue #10: a guard on the model inside a PeftModel took its anchors with the adapters on,
+    so once they moved the penalty was exactly 0 at every step."""
+    peft_model = _adapted(adapter)
+    batch = random_batch(pad_rows={2: 4})
+    basis = random_basis(peft_model, [0, 2], k=2)
+    with RefusalGuard(peft_model, basis, backend="torch") as outer:
+        want_anchors = outer.anchors(**batch)
+        outer.arm(want_anchors, outer.weights(**batch))
+        peft_model(**batch)
+        want = outer.penalty().detach()
+    assert want.item() > 1e-6  # the moved adapter really drifts the coordinates
+    with RefusalGuard(_LEVELS[level](peft_model), basis, backend="torch") as inner:
+        anchors = inner.anchors(**batch)
+        assert all(torch.equal(anchors[layer], want_anchors[layer]) for layer in want_anchors)
+        inner.arm(anchors, inner.weights(**batch))
+        peft_model(**batch)
+        assert torch.equal(inner.penalty().detach(), want)
+
+
+def test_frozen_anchor_pass_restores_adapter_state_exactly():
+    """The adapter on/off flags and requires_grad come back as they were, also after an error
+    in the anchor pass; a partly frozen adapter stays partly frozen."""
+    from refusalguard_kernels.integration.model_utils import adapter_layers
+
+    peft_model = _adapted("lora")
+    frozen_name = next(name for name, p in peft_model.named_parameters() if "lora_A" in name)
+    dict(peft_model.named_parameters())[frozen_name].requires_grad_(False)
+    layers = adapter_layers(peft_model)
+    layers[0][1]._disable_adapters = True  # one layer switched off by the user
+    flags = [module._disable_adapters for _, module in layers]
+    grads = {name: p.requires_grad for name, p in peft_model.named_parameters()}
+    batch = random_batch()
+    basis = random_basis(peft_model, [1], k=1)
+    with RefusalGuard(peft_model.get_base_model(), basis, backend="torch") as guard:
+        guard.anchors(**batch)
+        assert [module._disable_adapters for _, module in layers] == flags
+        assert {name: p.requires_grad for name, p in peft_model.named_parameters()} == grads
+
+        def boom(module, args, output):
+            assert all(m._disable_adapters for _, m in layers)  # off during the pass
+            raise RuntimeError("boom")
+
+        handle = find_decoder_layers(peft_model)[0].register_forward_hook(boom)
+        with pytest.raises(RuntimeError, match="boom"):
+            guard.anchors(**batch)
+        handle.remove()
+        assert [module._disable_adapters for _, module in layers] == flags
+        assert {name: p.requires_grad for name, p in peft_model.named_parameters()} == grads
+
+
+def test_merged_adapter_is_a_clear_error():
+    from refusalguard_kernels.integration.model_utils import AdapterStateError
+
+    peft_model = _adapted("lora")
+    peft_model.merge_adapter()
+    basis = random_basis(peft_model, [1], k=1)
+    with RefusalGuard(peft_model.get_base_model(), basis, backend="torch") as guard:
+        with pytest.raises(AdapterStateError, match="unmerge_adapter"):
+            guard.anchors(**random_batch())
+
+
+# ---------------------------------------------------------------------------- layer reduction
+
+
+def test_layer_reduction_mean_is_sum_over_number_of_layers():
+    model = tiny_model("llama")
+    batch = random_batch(pad_rows={0: 2})
+    basis = random_basis(model, [0, 1, 2], k=2)
+    with RefusalGuard(model, basis, backend="torch") as guard:
+        anchors = guard.anchors(**batch)
+    perturb_(model, scale=0.05)
+    results = {}
+    for reduction in ("sum", "mean"):
+        with RefusalGuard(model, basis, backend="torch", layer_reduction=reduction) as guard:
+            guard.arm(anchors, guard.weights(**batch))
+            model(**batch)
+            results[reduction] = guard.penalty().detach()
+            layer_sum = sum(guard.layer_losses().values())
+    assert results["sum"].item() > 1e-6
+    assert results["sum"].item() == pytest.approx(layer_sum, rel=1e-6)
+    assert torch.equal(results["mean"], results["sum"] / 3)
+    with pytest.raises(ValueError, match="layer_reduction"):
+        RefusalGuard(model, basis, layer_reduction="max")

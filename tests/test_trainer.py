@@ -384,3 +384,70 @@ def test_cached_anchors_under_bf16_autocast(tokenizer, pairs, tmp_path):
     assert logs[0]["guard_penalty"] == 0.0
     assert logs[1]["guard_penalty"] > 0
     guard.remove()
+
+
+# ---------------------------------------------------------------------- issue #10: resume
+
+
+class _Crash(Exception):
+    pass
+
+
+def _resume_run(tokenizer, data, path, *, anchors, crash_at=None, resume=None):
+    from transformers import TrainerCallback
+
+    class CrashAfter(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if crash_at is not None and state.global_step == crash_at:
+                raise _Crash(f"killed before step {crash_at + 1}")
+
+    model = lora_model(tokenizer, seed=1)
+    with RefusalGuard(model, random_basis(seed=6), positions="response", backend="torch") as guard:
+        if anchors == "cached":
+            data = add_cached_anchors(data, model, guard, batch_size=2, show_progress=False)
+        args = make_args(
+            path,
+            max_steps=6,
+            per_device_train_batch_size=2,
+            save_strategy="steps",
+            save_steps=2,
+            lr_scheduler_type="linear",
+            learning_rate=2e-2,
+        )
+        if "train_sampling_strategy" in inspect.signature(TrainingArguments.__init__).parameters:
+            args.train_sampling_strategy = "random"  # shuffled batches: the data order must be restored too
+        trainer = RefusalGuardTrainer(
+            model=model,
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            guard=guard,
+            anchors=anchors,
+            warmup_steps=4,
+            warmup_multiplier=5.0,
+            callbacks=[CrashAfter()],
+        )
+        trainer.train(resume_from_checkpoint=resume)
+        return lora_params(model), [e for e in trainer.state.log_history if "loss" in e]
+
+
+@pytest.mark.parametrize("anchors", ["cached"])  # online anchors are the same frozen forward, per step
+def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tokenizer, pairs, tmp_path, anchors):
+    """Killed after checkpoint-2 (during step 3), resumed from it: same adapter as one run."""
+    straight, straight_logs = _resume_run(tokenizer, pairs, tmp_path / "straight", anchors=anchors)
+    with pytest.raises(_Crash):
+        _resume_run(tokenizer, pairs, tmp_path / "broken", anchors=anchors, crash_at=3)
+    assert (tmp_path / "broken" / "checkpoint-2").is_dir() and not (tmp_path / "broken" / "checkpoint-4").exists()
+    resumed, resumed_logs = _resume_run(
+        tokenizer, pairs, tmp_path / "broken", anchors=anchors, resume=str(tmp_path / "broken" / "checkpoint-2")
+    )
+    assert straight.keys() == resumed.keys() and straight
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+    # the penalty really acted: the logged guard terms after the resume match the straight run's
+    by_step = {e["step"]: e for e in straight_logs}
+    assert [e["step"] for e in resumed_logs] == [1, 2, 3, 4, 5, 6]  # 1-2 restored from checkpoint-2
+    for entry in resumed_logs:
+        assert entry["guard_penalty"] == by_step[entry["step"]]["guard_penalty"]
+        assert entry["guard_scale"] == by_step[entry["step"]]["guard_scale"]
+    assert any(e["guard_penalty"] > 0 for e in resumed_logs)

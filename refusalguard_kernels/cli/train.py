@@ -297,6 +297,16 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="keep at most N checkpoints (default: all)",
     )
     train.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=None,
+        metavar="CHECKPOINT",
+        help="continue an interrupted run from a checkpoint (model, optimizer, scheduler, RNG and data order): "
+        "with no value the latest checkpoint-N in --output-dir, or a checkpoint folder; the same options must "
+        "be given as for the interrupted run. The result equals an uninterrupted run",
+    )
+    train.add_argument(
         "--report-to",
         default="none",
         help="experiment trackers for the Trainer's logs: none, tensorboard, wandb, ... (comma-separated)",
@@ -332,6 +342,29 @@ def _check_args(args) -> None:
         parse_positions(args.positions)
     except ValueError as exc:
         raise CLIError(f"--positions: {exc}") from None
+
+
+def _resume_checkpoint(args) -> str | None:
+    """The checkpoint folder ``--resume`` names (None without ``--resume``)."""
+    if args.resume is None:
+        return None
+    if args.resume == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        latest = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
+        if latest is None:
+            raise CLIError(
+                f"--resume: no checkpoint-N folder in --output-dir {args.output_dir!r} to resume from; give the "
+                "checkpoint folder (--resume PATH), or start afresh without --resume (checkpoints are written with "
+                "--save-steps N)"
+            )
+        return latest
+    if not os.path.isfile(os.path.join(args.resume, "trainer_state.json")):
+        raise CLIError(
+            f"--resume {args.resume!r} is not a Trainer checkpoint folder (no trainer_state.json); give a "
+            "checkpoint-N folder from --output-dir, or --resume with no value for the latest one"
+        )
+    return args.resume
 
 
 def _cuda_available() -> bool:
@@ -382,7 +415,7 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from ..integration.anchors import add_cached_anchors
-    from ..integration.basis import RefusalBasis, extract_refusal_basis
+    from ..integration.basis import BASIS_FILENAME, RefusalBasis, extract_refusal_basis
     from ..integration.hooks import RefusalGuard
     from ..training.data_utils import (
         ChatTemplateError,
@@ -395,6 +428,7 @@ def run(args) -> int:
 
     hf_logging.set_verbosity_warning()
     training_args = _training_arguments(args)
+    resume = _resume_checkpoint(args)
 
     # Data first: mistakes there are the most common and cost nothing to find.
     raw = load_training_dataset(args.dataset, split=args.split, config_name=args.dataset_config)
@@ -458,7 +492,10 @@ def run(args) -> int:
             )
 
     model.to(training_args.device)
-    if args.basis is not None:
+    resumed_basis = os.path.join(resume, BASIS_FILENAME) if resume is not None else None
+    if resumed_basis is not None and args.basis is None and os.path.isfile(resumed_basis):
+        basis = RefusalBasis.load(resumed_basis)  # the basis the interrupted run trained with, not a re-extraction
+    elif args.basis is not None:
         basis = RefusalBasis.load(args.basis)
     else:
         basis = extract_refusal_basis(
@@ -476,8 +513,20 @@ def run(args) -> int:
             os.makedirs(args.output_dir, exist_ok=True)  # save() treats a path that is not a folder as a file name
             basis.save(args.output_dir)
     basis.check_model(model, layers_path=args.layers_path)
+    if resumed_basis is not None and args.basis is not None and os.path.isfile(resumed_basis):
+        from ..integration.anchors import basis_fingerprint
+
+        if basis_fingerprint(RefusalBasis.load(resumed_basis)) != basis_fingerprint(basis):
+            raise CLIError(
+                f"--basis {args.basis!r} is not the basis the checkpoint {resume!r} was trained with "
+                f"({resumed_basis}); resume with the same --basis, or start a new run in another --output-dir"
+            )
 
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    # --seed promises a reproducible adapter init: the Trainer seeds only once it is built, after this.
+    set_seed(args.seed)
 
     targets = args.lora_targets
     if targets is not None and targets != "all-linear":
@@ -531,7 +580,7 @@ def run(args) -> int:
             f"training {n_params:,} LoRA parameters on {len(tokenized)} examples; guard on layers {guard.layers} "
             f"(k={guard.k}, positions={args.positions}, anchors={args.anchors})"
         )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     guard.remove()
     if training_args.should_save:

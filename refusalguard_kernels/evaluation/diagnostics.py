@@ -223,6 +223,7 @@ def model_geometry(
         batch_size=batch_size,
         show_progress=False,
         layers_path=layers_path,
+        adapters="on",  # the tuned model's own cone, adapter included
     )
     with tqdm(
         total=len(harmful) + len(harmless), desc=desc, unit="prompt", disable=not show_progress, leave=False

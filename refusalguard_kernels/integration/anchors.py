@@ -16,9 +16,14 @@ Columns (``column`` defaults to ``"refusalguard_anchors"``):
 
 A cache that does not match the tokens, the basis or the model is a ``CachedAnchorsError``
 (a ValueError) saying which, never silently used.  The model hash covers the config
-(minus run-time switches such as ``use_cache``), the parameter dtype and a strided sample of
-the input embedding and of every hooked layer's frozen weights (LoRA adapter weights are
-excluded: anchors are computed with adapters disabled).
+(minus run-time switches such as ``use_cache``) and, IN FULL (every element, dtype and
+shape; ``tensor_digest``), every parameter and floating buffer that can change a guarded
+layer's input or output: the embedding, rotary/positional modules, every decoder layer up
+to the last guarded one, and (conservatively) the other non-layer modules such as the final
+norm.  Not covered: decoder layers above the last guarded one and an untied output head
+(they run after the guarded layers), and PEFT adapter weights (anchors come from the frozen
+weights, adapters off).  The digest of each named tensor is kept once per dataset in the
+fingerprint column's feature ``id``, so a mismatch names the parameters that changed.
 
 ``AnchorCollator`` pads ``input_ids``/``attention_mask``/``labels`` (through
 ``DataCollatorForSeq2Seq`` or the collator you give it) and pads the anchor columns the
@@ -57,6 +62,8 @@ __all__ = [
     "anchors_fingerprint",
     "basis_fingerprint",
     "model_fingerprint",
+    "model_fingerprint_parts",
+    "tensor_digest",
     "token_fingerprint",
 ]
 
@@ -83,7 +90,6 @@ _VOLATILE_CONFIG_KEYS = {
     "chunk_size_feed_forward",
     "problem_type",
 }
-_WEIGHT_SAMPLES = 512
 
 
 class CachedAnchorsError(ValueError):
@@ -138,58 +144,115 @@ def _config_identity(config) -> dict:
     return clean(raw)
 
 
-def _sample(tensor: Tensor) -> bytes:
-    flat = tensor.detach().reshape(-1)
-    if flat.numel() == 0:  # e.g. a ZeRO-3 partitioned placeholder: only its shape is known here
-        return b"empty:" + str(tuple(getattr(tensor, "ds_shape", tensor.shape))).encode()
-    step = max(1, flat.numel() // _WEIGHT_SAMPLES)
-    picked = flat[::step][:_WEIGHT_SAMPLES]
-    return (
-        str(tuple(tensor.shape)).encode()
-        + str(tensor.dtype).encode()
-        + picked.to("cpu", torch.float32).numpy().tobytes()
-    )
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_DIGEST_CHUNK = 1 << 24  # elements per chunk: bounds the int64 temporaries to 128 MiB per sum
 
 
-def _frozen_parameters(module: nn.Module, adapter_prefix: str | None):
-    """(normalised name, tensor) of ``module``'s weights other than PEFT adapter weights."""
-    out = []
-    for name, param in module.named_parameters():
-        if adapter_prefix and adapter_prefix in name:
+def tensor_digest(tensor: Tensor) -> str:
+    """Digest of a whole tensor's bits, computed on its own device.
+
+    The bits are reinterpreted as integers and summed plain and position-weighted in int64
+    (wrapping).  Integer sums do not depend on reduction order, so CPU and GPU agree, and
+    changing any single element changes the plain sum (the difference is below 2**64); the
+    weighted sum also catches moved elements.  One host sync per tensor, at cache build or
+    check time only.
+    """
+    tensor = tensor.detach()
+    shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
+    head = f"{tensor.dtype}{shape}"
+    if tensor.numel() == 0 or tensor.device.type == "meta":
+        # e.g. a ZeRO-3 partitioned placeholder: only its shape is known here
+        return _digest(b"empty:" + head.encode())
+    flat = tensor.contiguous().reshape(-1)
+    if flat.is_complex():
+        flat = torch.view_as_real(flat).reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    bits = flat.view(_INT_VIEW[flat.element_size()])
+    plain = torch.zeros((), dtype=torch.int64, device=bits.device)
+    weighted = torch.zeros((), dtype=torch.int64, device=bits.device)
+    for start in range(0, bits.numel(), _DIGEST_CHUNK):
+        chunk = bits[start : start + _DIGEST_CHUNK].to(torch.int64)
+        positions = torch.arange(start + 1, start + 1 + chunk.numel(), dtype=torch.int64, device=bits.device)
+        plain += chunk.sum()
+        weighted += (chunk * positions).sum()
+    values = torch.stack([plain, weighted]).cpu().tolist()
+    return _digest(head.encode(), str(values).encode())
+
+
+def _normalise(name: str) -> str:
+    # PEFT moves a wrapped weight under ``base_layer`` / ``original_module``: same weight, same name.
+    return name.replace(".base_layer.", ".").replace(".original_module.", ".")
+
+
+def _adapter_tensor_ids(bare: nn.Module) -> set[int]:
+    """ids of the adapter-owned tensors (LoRA A/B, DoRA magnitudes, IA3 vectors, modules_to_save
+    copies, ...): everything inside an adapter layer except the base layer it wraps."""
+    from .model_utils import adapter_layers
+
+    ids: set[int] = set()
+    for _, layer in adapter_layers(bare):
+        if hasattr(layer, "get_base_layer"):
+            base = layer.get_base_layer()
+        else:
+            base = getattr(layer, "original_module", None)
+        kept = set() if base is None else {id(t) for t in (*base.parameters(), *base.buffers())}
+        ids.update(id(t) for t in (*layer.parameters(), *layer.buffers()) if id(t) not in kept)
+    return ids
+
+
+def model_fingerprint_parts(
+    model: nn.Module, layers: list[int] | None = None, *, layers_path: str | None = None
+) -> dict[str, str]:
+    """{part: digest} of everything that can change the guarded layers' inputs or outputs.
+
+    Parts: ``config`` (minus run-time switches) and, by name relative to the transformers
+    model, every parameter and floating buffer IN FULL (``tensor_digest``) except the decoder
+    layers above the last of ``layers`` (they run after it) and the output head (unless tied
+    to the input embedding).  Covered, conservatively: the embedding, rotary/positional
+    modules, every decoder layer up to the last guarded one, and sibling modules such as the
+    final norm.  PEFT adapter weights are left out (anchors come from the frozen weights)
+    and wrapped weights keep their plain names, so wrapping does not change it.
+    """
+    from .model_utils import find_decoder_layers_path, unwrap_model
+
+    bare = unwrap_model(model)
+    skip = _adapter_tensor_ids(bare)
+    if layers:
+        _, layer_modules = find_decoder_layers_path(model, layers_path)
+        last = max(layers)
+        for index, module in enumerate(layer_modules):
+            if index > last:
+                skip.update(id(t) for t in (*module.parameters(), *module.buffers()))
+    output = bare.get_output_embeddings() if hasattr(bare, "get_output_embeddings") else None
+    if output is not None:
+        embeddings = bare.get_input_embeddings() if hasattr(bare, "get_input_embeddings") else None
+        tied = set() if embeddings is None else {id(t) for t in embeddings.parameters()}
+        skip.update(id(t) for t in output.parameters() if id(t) not in tied)
+
+    parts = {"config": _digest(json.dumps(_config_identity(getattr(bare, "config", None)), sort_keys=True).encode())}
+    named = [(name, t) for name, t in bare.named_parameters()]
+    named += [(name, t) for name, t in bare.named_buffers() if t.is_floating_point() or t.is_complex()]
+    for name, tensor in named:
+        if id(tensor) in skip:
             continue
-        if ".modules_to_save." in name or name.startswith("modules_to_save."):
-            continue
-        # PEFT moves a wrapped weight under ``base_layer`` / ``original_module``: same weight, same name.
-        name = name.replace(".base_layer.", ".").replace(".original_module.", ".")
-        out.append((name, param))
-    return sorted(out, key=lambda item: item[0])
+        parts[_normalise(name)] = tensor_digest(tensor)
+    return dict(sorted(parts.items()))
+
+
+def _combine(parts: dict[str, str]) -> str:
+    return _digest(*(f"{name}={value}".encode() for name, value in sorted(parts.items())))
 
 
 def model_fingerprint(model: nn.Module, layers: list[int] | None = None, *, layers_path: str | None = None) -> str:
-    """Hash of what a frozen forward of ``model`` computes: config identity, parameter dtype,
-    and a strided sample of the input embedding and of the given decoder layers' weights.
+    """Hash of what a frozen forward of ``model`` computes up to the last of ``layers`` (all
+    layers when None): the combination of ``model_fingerprint_parts``.
 
-    Stable across PEFT wrapping, ``use_cache``/gradient-checkpointing switches and the
-    model's path on disk; changes with different weights, dtype or architecture.
+    Stable across PEFT wrapping (at any level), adapter training, ``use_cache``/gradient-
+    checkpointing switches and the model's path on disk; changes with any element of any
+    covered weight, the dtype or the architecture.
     """
-    from .model_utils import find_decoder_layers, peft_model_of, unwrap_model
-
-    bare = unwrap_model(model)
-    peft_model = peft_model_of(model)
-    prefix = getattr(getattr(peft_model, "base_model", None), "prefix", None) if peft_model is not None else None
-    if peft_model is not None and not prefix:
-        prefix = "lora_"
-    parts = [json.dumps(_config_identity(getattr(bare, "config", None)), sort_keys=True).encode()]
-    embeddings = bare.get_input_embeddings() if hasattr(bare, "get_input_embeddings") else None
-    if embeddings is not None:
-        for name, param in _frozen_parameters(embeddings, prefix):
-            parts += [b"embed." + name.encode(), _sample(param)]
-    if layers:
-        layer_modules = find_decoder_layers(model, layers_path)
-        for layer in sorted(layers):
-            for name, param in _frozen_parameters(layer_modules[layer], prefix):
-                parts += [f"layer.{layer}.{name}".encode(), _sample(param)]
-    return _digest(*parts)
+    return _combine(model_fingerprint_parts(model, layers, layers_path=layers_path))
 
 
 def _autocast_name(dtype) -> str:
@@ -200,15 +263,43 @@ def _autocast_name(dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _fingerprint_and_parts(model: nn.Module, guard, autocast_dtype) -> tuple[str, dict[str, str]]:
+    layers_path = getattr(guard, "layers_path", None)
+    parts = model_fingerprint_parts(model, guard.layers, layers_path=layers_path)
+    value = f"basis={basis_fingerprint(guard.basis)};model={_combine(parts)};autocast={_autocast_name(autocast_dtype)}"
+    return value, parts
+
+
 def anchors_fingerprint(model: nn.Module, guard, *, autocast_dtype: torch.dtype | None = None) -> str:
     """The ``{column}.fingerprint`` value for anchors of ``guard`` on ``model`` computed under
     ``autocast_dtype`` (None: no autocast)."""
-    layers_path = getattr(guard, "layers_path", None)
-    return (
-        f"basis={basis_fingerprint(guard.basis)};"
-        f"model={model_fingerprint(model, guard.layers, layers_path=layers_path)};"
-        f"autocast={_autocast_name(autocast_dtype)}"
-    )
+    return _fingerprint_and_parts(model, guard, autocast_dtype)[0]
+
+
+def _stored_parts(dataset, name: str) -> dict[str, str] | None:
+    # The per-part digests live once per dataset, in the fingerprint column's feature id
+    # (kept by map/select/shuffle/save_to_disk), not in every row.
+    feature = getattr(dataset, "features", {}).get(name) if hasattr(dataset, "features") else None
+    try:
+        parts = json.loads(getattr(feature, "id", None) or "{}").get("model_parts")
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return parts if isinstance(parts, dict) else None
+
+
+def _changed_parts(stored: dict[str, str] | None, current: dict[str, str] | None) -> str:
+    if not stored or not current:
+        return ""
+    changed = sorted(name for name in stored.keys() & current.keys() if stored[name] != current[name])
+    gone = sorted(stored.keys() - current.keys())
+    new = sorted(current.keys() - stored.keys())
+    pieces = []
+    for label, names in (("changed", changed), ("no longer in the model", gone), ("new in the model", new)):
+        if names:
+            pieces.append(
+                f"{label}: " + ", ".join(names[:5]) + (f" (+{len(names) - 5} more)" if len(names) > 5 else "")
+            )
+    return " [" + "; ".join(pieces) + "]" if pieces else ""
 
 
 def anchor_column_names(layers, column: str = ANCHOR_COLUMN) -> dict:
@@ -227,7 +318,7 @@ def _parse_fingerprint(value: str) -> dict:
     return out
 
 
-def _mismatch(found: str, expected: str, column: str) -> CachedAnchorsError:
+def _mismatch(found: str, expected: str, column: str, detail: str = "") -> CachedAnchorsError:
     got, want = _parse_fingerprint(found), _parse_fingerprint(expected)
     names = ("basis", "model", "autocast")
     what = [name for name in names if got.get(name) != want.get(name)] or list(names)
@@ -235,7 +326,7 @@ def _mismatch(found: str, expected: str, column: str) -> CachedAnchorsError:
         "basis": f"a different refusal basis (cache {got.get('basis')}, this guard's basis {want.get('basis')})",
         "model": (
             f"a different model (cache {got.get('model')}, this model {want.get('model')}: other weights, "
-            "dtype or architecture)"
+            f"dtype or architecture){detail}"
         ),
         "autocast": (
             f"autocast {got.get('autocast')} while training runs with autocast {want.get('autocast')} "
@@ -312,7 +403,7 @@ def add_cached_anchors(
 
     layers = list(guard.layers)
     names = anchor_column_names(layers, column)
-    expected = anchors_fingerprint(model, guard, autocast_dtype=autocast_dtype)
+    expected, parts = _fingerprint_and_parts(model, guard, autocast_dtype)
     ours = [c for c in dataset.column_names if c.startswith(column + ".")]
     if ours:
         if set(ours) == set(names.values()) and dataset.unique(names["fingerprint"]) == [expected]:
@@ -360,7 +451,7 @@ def add_cached_anchors(
     for layer in layers:
         features[names[layer]] = Array2D(shape=(None, k), dtype="float32")
     features[names["tokens"]] = Value("string")
-    features[names["fingerprint"]] = Value("string")
+    features[names["fingerprint"]] = Value("string", id=json.dumps({"model_parts": parts}, sort_keys=True))
     new_fingerprint = hashlib.sha256(
         f"{dataset._fingerprint}|{expected}|{column}|{batch_size}|{getattr(guard, 'backend', '')}".encode()
     ).hexdigest()[:32]
@@ -417,12 +508,13 @@ def check_cached_anchors(
             + (f" (it has {present}: anchors for other layers)" if present else "")
             + "; run add_cached_anchors(dataset, model, guard) with this guard first, or use anchors='online'"
         )
-    expected = anchors_fingerprint(model, guard, autocast_dtype=autocast_dtype)
+    expected, parts = _fingerprint_and_parts(model, guard, autocast_dtype)
     if hasattr(dataset, "unique"):
         found = dataset.unique(names["fingerprint"])
         for value in found:
             if value != expected:
-                raise _mismatch(value, expected, column)
+                detail = _changed_parts(_stored_parts(dataset, names["fingerprint"]), parts)
+                raise _mismatch(value, expected, column, detail)
     return expected
 
 

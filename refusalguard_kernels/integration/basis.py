@@ -23,6 +23,7 @@ Per-layer metadata:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -39,6 +40,7 @@ from .model_utils import (
     _render_chat,
     _StopForward,
     find_decoder_layers_path,
+    frozen_weights,
     has_chat_template,
     input_device,
     layer_hidden,
@@ -48,12 +50,21 @@ from .model_utils import (
 )
 from .prompts import load_prompts
 
-__all__ = ["RefusalBasis", "extract_refusal_basis", "default_layers", "BASIS_FILENAME", "METHODS", "POSITIONS"]
+__all__ = [
+    "RefusalBasis",
+    "extract_refusal_basis",
+    "default_layers",
+    "BASIS_FILENAME",
+    "METHODS",
+    "POSITIONS",
+    "ADAPTER_MODES",
+]
 
 #: file name used when ``save``/``load`` get a folder (e.g. an adapter's output dir).
 BASIS_FILENAME = "refusal_basis.safetensors"
 METHODS = ("dim", "svd")
 POSITIONS = ("last", "post-instruction")
+ADAPTER_MODES = ("off", "on")
 MAX_K = 64
 
 _FORMAT = "refusalguard-basis"
@@ -217,7 +228,12 @@ class RefusalBasis:
             raise FileNotFoundError(
                 f"no refusal basis at {str(path)!r}; create one with extract_refusal_basis(...).save(path)"
             )
+        fix = (
+            "re-create it (extract_refusal_basis(...).save(path) or `refusalguard extract`), or copy it again "
+            "from the training output dir / checkpoint it came from"
+        )
         try:
+            size = path.stat().st_size
             with safe_open(str(path), framework="pt", device=str(device)) as f:
                 header = f.metadata() or {}
                 if header.get("refusalguard_format") != _FORMAT:
@@ -228,13 +244,21 @@ class RefusalBasis:
                 for key in f.keys():
                     if not key.startswith("layer.") or not key[len("layer.") :].isdigit():
                         raise ValueError(f"{str(path)!r} holds an unexpected tensor {key!r}; expected 'layer.<index>'")
-                    bases[int(key[len("layer.") :])] = f.get_tensor(key)
-        except ValueError:
-            raise
+                    bases[int(key[len("layer.") :])] = f.get_tensor(key).clone()
+            # safetensors maps the data lazily: a file cut short can still open; its header says how long it must be.
+            with open(path, "rb") as raw:
+                header_len = int.from_bytes(raw.read(8), "little")
+            needed = 8 + header_len + sum(t.numel() * t.element_size() for t in bases.values())
+            if size < needed:
+                raise ValueError(f"it is truncated ({size} bytes, the header describes {needed})")
+            metadata = json.loads(header.get("metadata", "{}"))
+            basis = cls(bases, metadata)
         except Exception as exc:
-            raise ValueError(f"cannot read refusal basis {str(path)!r}: {exc}") from exc
-        metadata = json.loads(header.get("metadata", "{}"))
-        basis = cls(bases, metadata)
+            if isinstance(exc, ValueError) and "not a RefusalBasis" in str(exc):
+                raise
+            raise ValueError(
+                f"cannot read refusal basis {str(path)!r} (corrupted or truncated?): {exc}; {fix}"
+            ) from exc
         if hidden_size is not None and hidden_size != basis.hidden_size:
             raise ValueError(
                 f"the basis in {str(path)!r} has hidden size {basis.hidden_size} "
@@ -412,6 +436,7 @@ def extract_refusal_basis(
     batch_size: int = 8,
     show_progress: bool = True,
     layers_path: str | None = None,
+    adapters: str = "off",
 ) -> RefusalBasis:
     """Extract the refusal-cone basis of ``model`` from harmful vs harmless prompts.
 
@@ -436,6 +461,10 @@ def extract_refusal_basis(
             rounding), whatever the tokenizer's padding side.
         show_progress: a tqdm bar over the prompts.
         layers_path: dotted path to the decoder layer list when it cannot be found.
+        adapters: "off" (default): the basis of the frozen weights, as the guard anchors to;
+            every PEFT adapter layer anywhere in ``model``'s tree is switched off for the
+            extraction (whatever wrapper level ``model`` is) and its state restored after.
+            "on": the model as it runs with its adapters (e.g. to measure a tuned model).
 
     Returns a ``RefusalBasis`` with bases on the CPU.
     """
@@ -447,6 +476,11 @@ def extract_refusal_basis(
         raise ValueError(f"unknown method {method!r}; choose 'dim' (k=1) or 'svd' (k >= 1)")
     if positions not in POSITIONS:
         raise ValueError(f"unknown positions {positions!r}; choose 'last' or 'post-instruction'")
+    if adapters not in ADAPTER_MODES:
+        raise ValueError(
+            f"unknown adapters {adapters!r}; choose 'off' (the frozen weights, as the guard uses) or 'on' "
+            "(the adapted model)"
+        )
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise ValueError(f"k must be an int between 1 and {MAX_K}; got {k!r}")
     if method == "dim" and k != 1:
@@ -474,12 +508,15 @@ def extract_refusal_basis(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        with tqdm(
-            total=len(harmful) + len(harmless),
-            desc="extracting refusal basis",
-            unit="prompt",
-            disable=not show_progress,
-        ) as progress:
+        with (
+            frozen_weights(model) if adapters == "off" else contextlib.nullcontext(),
+            tqdm(
+                total=len(harmful) + len(harmless),
+                desc="extracting refusal basis",
+                unit="prompt",
+                disable=not show_progress,
+            ) as progress,
+        ):
             acts_h = _collect(model, layer_modules, layers, encoded_h, batch_size, pad_id, device, progress)
             acts_l = _collect(model, layer_modules, layers, encoded_l, batch_size, pad_id, device, progress)
     finally:

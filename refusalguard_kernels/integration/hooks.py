@@ -4,7 +4,7 @@
     anchors = guard.anchors(**batch)                   # frozen coordinates (no_grad, adapters off)
     guard.arm(anchors, guard.weights(**batch))
     out = model(**batch)                               # each hooked layer runs guard() from the core
-    loss = out.loss + guard.penalty()                  # summed over layers, in the graph
+    loss = out.loss + guard.penalty()                  # summed over layers (layer_reduction), in the graph
 
 How it behaves:
 
@@ -27,6 +27,14 @@ How it behaves:
   same computation but records nothing.  Reentrant checkpointing that runs hooks under
   no_grad is an error telling you to pass
   ``gradient_checkpointing_kwargs={"use_reentrant": False}``.
+* Layers: ``penalty()`` is the SUM of the hooked layers' losses by default, so the
+  effective coefficient grows with the number of guarded layers (a basis on 8 layers
+  pulls 8x as hard as one on 1).  ``layer_reduction="mean"`` divides by the number of
+  layers, making ``drift_coef``/``gram_coef`` independent of how many layers are guarded.
+* Anchors are always the frozen weights': every PEFT adapter layer (LoRA, DoRA, IA3, ...)
+  anywhere in the guarded model's tree is switched off for the anchor pass, whatever
+  level the guard is attached to (PeftModel, ``peft_model.base_model``,
+  ``get_base_model()``); a merged adapter is an error (``AdapterStateError``).
 * Normalisation: each forward's penalty is normalised by that forward's total weight W
   (per layer).  Under DDP it is per rank, like the task loss, so equal token counts per
   rank reproduce the single-process gradient.  For gradient accumulation, the drift term
@@ -54,19 +62,20 @@ from .model_utils import (
     _autocast_off,
     _StopForward,
     find_decoder_layers_path,
+    frozen_weights,
     layer_hidden,
-    peft_model_of,
     replace_layer_hidden,
     unwrap_model,
 )
 
-__all__ = ["RefusalGuard", "GUARD_BATCH_KEYS", "parse_positions"]
+__all__ = ["RefusalGuard", "GUARD_BATCH_KEYS", "LAYER_REDUCTIONS", "parse_positions"]
 
 #: batch keys the guard/trainer read that the model does not take; ``model_inputs`` drops them.
 GUARD_BATCH_KEYS = ("prompt_lengths", "refusalguard_anchors", "completion_mask", "assistant_masks")
 #: per-token response masks (TRL's completion-only / assistant-only loss), read by positions="response".
 RESPONSE_MASK_KEYS = ("completion_mask", "assistant_masks")
 IGNORE_INDEX = -100
+LAYER_REDUCTIONS = ("sum", "mean")
 
 _NAMED_POSITIONS = ("all", "prompt", "response")
 _REFT_RE = re.compile(r"^(?:f(\d+)\+l(\d+)|f(\d+)|l(\d+))$")
@@ -154,6 +163,8 @@ class RefusalGuard:
             [batch, seq] weight tensor.
         drift_coef, gram_coef: coefficients of the drift and Gram terms (see ``reference.py``).
         backend: core backend ("auto", "torch", "triton", "cuda").
+        layer_reduction: how ``penalty()`` combines the hooked layers: "sum" (default; the
+            effective coefficient grows with the number of layers) or "mean" (sum / n_layers).
         layers_path: dotted path to the decoder layer list, when it cannot be found.
 
     Raises ValueError for a basis of another hidden size, layers beyond the model, an
@@ -169,6 +180,7 @@ class RefusalGuard:
         drift_coef: float = 1.0,
         gram_coef: float = 0.0,
         backend: str = "auto",
+        layer_reduction: str = "sum",
         layers_path: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -179,6 +191,12 @@ class RefusalGuard:
             )
         if backend not in BACKENDS + ("auto",):
             raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', 'torch', 'triton', 'cuda'")
+        if layer_reduction not in LAYER_REDUCTIONS:
+            raise ValueError(
+                f"unknown layer_reduction {layer_reduction!r}; choose 'sum' (penalty summed over the guarded layers) "
+                "or 'mean' (divided by their number)"
+            )
+        self.layer_reduction = layer_reduction
         self.model = model
         self.basis = basis
         self.positions = parse_positions(positions)
@@ -231,7 +249,7 @@ class RefusalGuard:
         positions = self.positions if not isinstance(self.positions, Tensor) else "tensor"
         return (
             f"RefusalGuard(layers={self.layers}, k={self.k}, positions={positions!r}, drift_coef={self.drift_coef}, "
-            f"gram_coef={self.gram_coef}, backend={self.backend!r}, {state})"
+            f"gram_coef={self.gram_coef}, backend={self.backend!r}, layer_reduction={self.layer_reduction!r}, {state})"
         )
 
     # ------------------------------------------------------------------ batch helpers
@@ -339,22 +357,12 @@ class RefusalGuard:
 
     # ------------------------------------------------------------------ anchors
 
-    @contextlib.contextmanager
-    def _adapters_disabled(self, model: nn.Module):
-        peft_model = peft_model_of(model)
-        if peft_model is not None:
-            with peft_model.disable_adapter():
-                yield
-            return
-        bare = self._bare if model is self.model else unwrap_model(model)
-        if getattr(bare, "_hf_peft_config_loaded", False) and hasattr(bare, "disable_adapters"):
-            bare.disable_adapters()
-            try:
-                yield
-            finally:
-                bare.enable_adapters()
-            return
-        yield
+    def _adapters_disabled(self, model: nn.Module | None = None):
+        # Every adapter layer in the guarded tree (or in the model the trainer runs, which may be
+        # a sharding wrapper around it), not just a PeftModel's: a guard on peft_model.base_model or
+        # get_base_model() would otherwise anchor to the adapted weights, and once the adapter
+        # moves the penalty would be 0 at every step.
+        return frozen_weights(self.model if model is None else model)
 
     def _frozen_target(self, model: nn.Module | None = None) -> nn.Module:
         # DDP's own forward would sync buffers; the replicated inner module computes the same thing.
@@ -483,7 +491,8 @@ class RefusalGuard:
     # ------------------------------------------------------------------ results
 
     def penalty(self) -> Tensor:
-        """Sum over hooked layers of the latest armed forward's losses (0-dim float32, in the graph)."""
+        """The latest armed forward's losses combined over the hooked layers (0-dim float32, in the
+        graph): their sum, or with ``layer_reduction="mean"`` the sum divided by the number of layers."""
         if not self._losses:
             raise RuntimeError(
                 "no penalty recorded: call guard.arm(anchors, weight), then run model(**batch), then guard.penalty()"
@@ -495,6 +504,8 @@ class RefusalGuard:
         total = losses[0]
         for loss in losses[1:]:
             total = total + loss.to(total.device)
+        if self.layer_reduction == "mean":
+            total = total / len(losses)
         return total
 
     def layer_losses(self) -> dict[int, float]:

@@ -24,6 +24,9 @@ __all__ = [
     "has_chat_template",
     "format_prompts",
     "input_device",
+    "adapter_layers",
+    "frozen_weights",
+    "AdapterStateError",
 ]
 
 # Where the decoder block list lives, relative to the bare transformers model, most common first.
@@ -104,6 +107,80 @@ def _is_engine_wrapper(model: nn.Module) -> bool:
     return name in ("DeepSpeedEngine", "FullyShardedDataParallel") and isinstance(
         getattr(model, "module", None), nn.Module
     )
+
+
+class AdapterStateError(RuntimeError):
+    """The guarded model's frozen weights cannot be recovered by switching adapters off."""
+
+
+def _adapter_types() -> tuple[type, ...]:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # no peft: no adapter layers can exist
+        return ()
+    try:
+        from peft.utils.other import AuxiliaryTrainingWrapper  # modules_to_save, trainable tokens
+    except ImportError:  # older peft
+        return (BaseTunerLayer,)
+    return (BaseTunerLayer, AuxiliaryTrainingWrapper)
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every PEFT adapter layer (LoRA, DoRA, IA3, ..., modules_to_save
+    wrappers) anywhere in ``model``'s module tree, whatever level of a wrapper ``model`` is."""
+    types = _adapter_types()
+    if not types:
+        return []
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, types)]
+
+
+def _prompt_peft_model(model: nn.Module):
+    # Prompt learning / adaption prompt add no tuner layers to switch off: only the PeftModel can.
+    peft_model = peft_model_of(model)
+    if peft_model is None:
+        return None
+    config = peft_model.peft_config.get(peft_model.active_adapter)
+    if getattr(config, "is_prompt_learning", False) or getattr(config, "is_adaption_prompt", False):
+        return peft_model
+    return None
+
+
+@contextlib.contextmanager
+def frozen_weights(model: nn.Module) -> Iterator[None]:
+    """Run ``model`` (any level: PeftModel, its base_model, the bare transformers model, a
+    submodule) on its frozen weights: every adapter layer in its tree is switched off, and
+    exactly its previous on/off flag is put back afterwards, also on exceptions.
+
+    The flag is flipped directly rather than through peft's ``enable_adapters``/
+    ``disable_adapter()``, which also rewrite ``requires_grad`` of adapter weights and so
+    would not restore a partly frozen adapter.  An adapter merged into the base weights
+    cannot be switched off without changing those weights: ``AdapterStateError``.
+    """
+    layers = adapter_layers(model)
+    merged = [name for name, module in layers if getattr(module, "merged", False)]
+    if merged:
+        shown = ", ".join(repr(name) for name in merged[:3]) + (" ..." if len(merged) > 3 else "")
+        raise AdapterStateError(
+            f"{len(merged)} adapter layer(s) of this model are merged into the base weights ({shown}), so the "
+            "frozen weights the guard anchors to are gone; call unmerge_adapter() (PeftModel) before computing "
+            "anchors or extracting a basis, or load the base model without merging"
+        )
+    missing = [name for name, module in layers if not hasattr(module, "_disable_adapters")]
+    if missing:
+        raise AdapterStateError(
+            f"cannot switch off the adapter layer {missing[0]!r} (a {type(dict(layers)[missing[0]]).__name__} "
+            "without peft's _disable_adapters flag); compute anchors on the model without the adapter, or upgrade peft"
+        )
+    previous = [(module, module._disable_adapters) for _, module in layers]
+    prompt_model = _prompt_peft_model(model)
+    try:
+        for module, _ in previous:
+            module._disable_adapters = True
+        with prompt_model.disable_adapter() if prompt_model is not None else contextlib.nullcontext():
+            yield
+    finally:
+        for module, flag in previous:
+            module._disable_adapters = flag
 
 
 def _wrapper_chain(model: nn.Module) -> Iterator[nn.Module]:
