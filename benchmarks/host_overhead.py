@@ -253,6 +253,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1: the CPU-side small ops do not fight)"
+    )
     ap.add_argument("--profile", action="store_true", help="print a cProfile of guard fwd+bwd (validate=False)")
     ap.add_argument("--json", default=None, help="write the numbers to this file")
     args = ap.parse_args(argv)
@@ -261,6 +264,7 @@ def main(argv=None) -> int:
     if args.backend == "cuda" and not args.real:
         raise SystemExit("--backend cuda needs --real (only the Triton launches can be stubbed)")
 
+    torch.set_num_threads(args.threads)
     res = measure_host(
         real=args.real,
         N=args.N,
