@@ -177,6 +177,37 @@ def component_times(inp: dict, backend: str, calls: int, repeats: int, sync) -> 
     return {label: time_per_call(fn, calls, repeats, sync)["p50_us"] for label, fn in parts.items()}
 
 
+def ab_dispatch(inp: dict, backend: str, calls: int, repeats: int, sync) -> dict:
+    """guard fwd+bwd (validate=False) with GuardFunction calling the torch.library ops (as before
+    the host-path change) and calling the launchers directly (now), alternated block by block in
+    one process, so both see the same load on a shared machine."""
+    from refusalguard_kernels.ops import penalty
+
+    call = make_call("guard_fwdbwd", inp, backend, False)
+    orig = penalty.plain_eager
+    arms = {"via torch.library ops": lambda *t: False, "direct launcher calls": orig}
+    times = {label: [] for label in arms}
+    try:
+        for _ in range(3):
+            call()
+        for _ in range(repeats):
+            for label, pred in arms.items():
+                penalty.plain_eager = pred
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    call()
+                times[label].append(1e6 * (time.perf_counter() - t0) / calls)
+                sync()
+    finally:
+        penalty.plain_eager = orig
+    out = {}
+    for label, v in times.items():
+        q = statistics.quantiles(v, n=10, method="inclusive")
+        out[label] = {"p20_us": q[1], "p50_us": statistics.median(v), "p80_us": q[7]}
+    return out
+
+
 def profile(call, calls: int, top: int = 30) -> str:
     prof = cProfile.Profile()
     for _ in range(10):
@@ -257,6 +288,7 @@ def main(argv=None) -> int:
         "--threads", type=int, default=1, help="torch intra-op threads (1: the CPU-side small ops do not fight)"
     )
     ap.add_argument("--profile", action="store_true", help="print a cProfile of guard fwd+bwd (validate=False)")
+    ap.add_argument("--ab", action="store_true", help="also A/B the op dispatch of guard fwd+bwd, interleaved")
     ap.add_argument("--json", default=None, help="write the numbers to this file")
     args = ap.parse_args(argv)
     if args.real and not torch.cuda.is_available():
@@ -284,6 +316,15 @@ def main(argv=None) -> int:
     print("\nbreakdown, guard fwd+bwd with validate=False (each layer timed alone, p50 us per call):")
     for name, us in res["components_p50_us"].items():
         print(f"  {name:<45} {us:8.1f}")
+    if args.ab:
+        ctx = contextlib.nullcontext() if args.real else stubbed_launches()
+        with ctx:
+            inp = make_inputs(args.N, args.d, args.k, getattr(torch, args.dtype), "cuda" if args.real else "cpu")
+            sync = torch.cuda.synchronize if args.real else (lambda: None)
+            res["ab_dispatch"] = ab_dispatch(inp, args.backend, args.calls, args.repeats, sync)
+        print("\nA/B, guard fwd+bwd validate=False, alternated blocks in one process:")
+        for label, r in res["ab_dispatch"].items():
+            print(f"  {label:<24} p20 {r['p20_us']:7.1f}  p50 {r['p50_us']:7.1f}  p80 {r['p80_us']:7.1f} us")
     if args.profile:
         ctx = contextlib.nullcontext() if args.real else stubbed_launches()
         with ctx:
