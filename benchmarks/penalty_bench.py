@@ -75,6 +75,8 @@ class Result:
     pct_copy_bw: float
     extra_peak_mb: float | None = None
     notes: dict = field(default_factory=dict)
+    p20_ms: float | None = None  # over the graph replays, like gpu_ms (the median)
+    p80_ms: float | None = None
 
 
 def copy_bandwidth_gbps(nbytes: int = 2 * 1024**3, reps: int = 20) -> float:
@@ -160,7 +162,12 @@ def sets_needed(case: Case) -> int:
 
 
 def _graph_time(body, calls: int, replays: int = 10) -> float:
-    """Median ms per call of ``body`` (which performs ``calls`` calls) replayed from a CUDA graph.
+    """Median ms per call of ``body`` replayed from a CUDA graph (see _graph_quantiles)."""
+    return _graph_quantiles(body, calls, replays)[1]
+
+
+def _graph_quantiles(body, calls: int, replays: int = 10) -> tuple[float, float, float]:
+    """p20, median and p80 ms per call of ``body`` (which performs ``calls`` calls) replayed from a CUDA graph.
 
     Runs on the current stream, which must be a side stream: the autograd graphs that
     backward replays were built there, and capture cannot use the legacy default stream."""
@@ -182,7 +189,8 @@ def _graph_time(body, calls: int, replays: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / calls)
     del graph
-    return statistics.median(times)
+    q = statistics.quantiles(times, n=10, method="inclusive")
+    return q[1], statistics.median(times), q[7]
 
 
 def measure(case: Case, variant: str, copy_gbps: float, modes=("fwd", "bwd", "fwdbwd"), call_overhead=True):
@@ -222,9 +230,9 @@ def _measure(case, variant, copy_gbps, modes, call_overhead):
         for st in sets:
             st["hidden"].grad = None
         if mode == "fwd":
-            ms = _graph_time(fwd_all, count)
+            p20, ms, p80 = _graph_quantiles(fwd_all, count)
         elif mode == "fwdbwd":
-            ms = _graph_time(fwdbwd_all, count)
+            p20, ms, p80 = _graph_quantiles(fwdbwd_all, count)
         else:  # backward alone: forward graphs built outside, replayed backward with retain_graph
             for i, st in enumerate(sets):
                 graphs[i] = fn(st["hidden"], basis, st["anchors"], st["weight"], dc, gc)
@@ -234,7 +242,7 @@ def _measure(case, variant, copy_gbps, modes, call_overhead):
                     st["hidden"].grad = None
                     torch.autograd.backward([out, loss], [st["grad_out"], s], retain_graph=True)
 
-            ms = _graph_time(bwd_all, count)
+            p20, ms, p80 = _graph_quantiles(bwd_all, count)
         call_ms = None
         if call_overhead:
             st = sets[0]
@@ -251,7 +259,20 @@ def _measure(case, variant, copy_gbps, modes, call_overhead):
             call_ms = triton.testing.do_bench(call, grad_to_none=[st["hidden"]], return_mode="median")
         gbps = case.bytes(mode) / (ms * 1e-3) / 1e9
         results.append(
-            Result(variant, mode, case.N, case.d, case.k, case.dtype, ms, call_ms, gbps, 100.0 * gbps / copy_gbps)
+            Result(
+                variant,
+                mode,
+                case.N,
+                case.d,
+                case.k,
+                case.dtype,
+                ms,
+                call_ms,
+                gbps,
+                100.0 * gbps / copy_gbps,
+                p20_ms=p20,
+                p80_ms=p80,
+            )
         )
     graphs.clear()
     # Peak memory beyond inputs and the gradient backward must produce, for one fwd+bwd.

@@ -46,6 +46,9 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", default="benchmarks/results", help="folder for the JSON and PNG")
     parser.add_argument("--tag", default="", help="suffix for the file names")
+    parser.add_argument(
+        "--host", action="store_true", help="add the host section: benchmarks/host_overhead.py, real launches"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("these benchmarks need a CUDA GPU; on CPU run `pytest benchmarks/` for the small-size check")
@@ -70,8 +73,11 @@ def main(argv=None) -> int:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "copy_bandwidth_gbps": copy_gbps,
-        "timing": "CUDA-graph replay over input sets > 4x L2, median per call; call_ms = do_bench median without graph",
+        "timing": "CUDA-graph replay over input sets > 4x L2, median (p20/p80) per call over 10 replays; "
+        "call_ms = do_bench median without graph (includes its L2-flush memset: not host time, see host)",
         "grid": args.grid,
+        "git_commit": git_commit(),
+        "command": "python benchmarks/run_penalty_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "rows": rows,
     }
     cases = grid(args.grid)
@@ -93,10 +99,28 @@ def main(argv=None) -> int:
                 print(f"{variant} N={case.N} d={case.d} k={case.k}: out of memory ({exc})", flush=True)
                 torch.cuda.empty_cache()
         _save(payload, path)  # after every case: a run cut short still leaves its rows
+    if args.host:
+        import host_overhead
+
+        payload["host"] = host_overhead.measure_host(real=True)
+        _save(payload, path)
     plot(payload, os.path.join(args.out, slug + ".png"))
     print(f"wrote {path}")
     print_summary(payload)
     return 0
+
+
+def git_commit() -> str | None:
+    """HEAD of the checkout being measured, with "+dirty" when it has uncommitted changes."""
+    import subprocess
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=here, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def _save(payload: dict, path: str) -> None:

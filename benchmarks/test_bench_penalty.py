@@ -75,3 +75,23 @@ def test_guard(benchmark, inputs, variant, mode):
             _sync()
 
     benchmark.pedantic(call, rounds=20 if CUDA else 3, warmup_rounds=3 if CUDA else 1)
+
+
+def test_compiled_backward_only_replay_cpu():
+    """What the backward-only timing does to the compiled variant: one forward, then backward
+    twice with retain_graph=True.  With donated buffers the second backward raises; the
+    harness turns them off before compiling (tiny shapes, CPU: a check, not a timing)."""
+    fn = pb.variant_fn("compiled")
+    gen = torch.Generator().manual_seed(0)
+    basis = rg.orthonormalize_basis(torch.randn(32, 4, dtype=torch.float64, generator=gen)).float()
+    hidden = torch.randn(16, 32, generator=gen).requires_grad_(True)
+    anchors = torch.randn(16, 4, generator=gen)
+    weight = torch.rand(16, generator=gen)
+    grad_out, s = torch.randn(16, 32, generator=gen), torch.ones(())
+    out, loss = fn(hidden, basis, anchors, weight, 1.0, 0.1)
+    grads = []
+    for _ in range(2):
+        hidden.grad = None
+        torch.autograd.backward([out, loss], [grad_out, s], retain_graph=True)
+        grads.append(hidden.grad.clone())
+    assert torch.equal(grads[0], grads[1])

@@ -77,10 +77,29 @@ def refresh() -> None:
     """Forget the cached probes (after installing triton, or when CUDA_VISIBLE_DEVICES changed)."""
     _python_backends.cache_clear()
     _cuda_device.cache_clear()
+    _RESOLVED.clear()
+
+
+# Successful resolutions, keyed by everything they depend on that can change while the
+# process runs (TRITON_INTERPRET is read per call; the probes are cleared by refresh()).
+# Every guard call resolves its backend, and the probes below cost several microseconds.
+# Failures are not cached, so their errors are raised afresh, unchanged.
+_RESOLVED: dict[tuple[str, str, str | None], str] = {}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map a user's choice to the backend that will run; a clear error when it cannot."""
+    key = (backend, device.type, os.environ.get("TRITON_INTERPRET"))
+    hit = _RESOLVED.get(key)
+    if hit is not None:
+        return hit
+    name = _resolve_backend(backend, device)
+    if not (backend == "auto" and name == "torch"):  # "auto" may find a kernel backend once one is built
+        _RESOLVED[key] = name
+    return name
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS + ("auto",):
         raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', 'torch', 'triton', 'cuda'")
     if backend == "auto":
@@ -108,6 +127,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
+@functools.cache  # import_module costs a microsecond or two, and this runs per launch
 def kernel_module(backend: str) -> ModuleType:
     """The launcher module of a kernel backend (same functions in each)."""
     if backend == "triton":

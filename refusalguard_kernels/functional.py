@@ -22,6 +22,21 @@ _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _REFERENCE_DTYPES = _KERNEL_DTYPES + (torch.float64,)
 
 
+_PENALTY = None
+
+
+def _penalty():
+    """ops.penalty, imported on first kernel use (importing it registers the torch.library ops,
+    which the reference path never needs); kept here because an import statement per call
+    costs about a microsecond."""
+    global _PENALTY
+    if _PENALTY is None:
+        from .ops import penalty
+
+        _PENALTY = penalty
+    return _PENALTY
+
+
 def _should_validate(validate: bool) -> bool:
     # Value checks read back to the host; under torch.compile that would break the graph.
     return validate and not torch.compiler.is_compiling()
@@ -51,10 +66,23 @@ def _prepare(hidden, basis, anchors, weight, backend, validate):
     if name == "torch":
         return name, basis, anchors, weight
     k = basis.shape[1]
-    basis32 = basis.detach().to(torch.float32).contiguous()
-    anchors32 = None if anchors is None else anchors.detach().reshape(-1, k).to(torch.float32).contiguous()
-    weight32 = None if weight is None else weight.detach().reshape(-1).to(torch.float32).contiguous()
+    basis32 = _fp32(basis)
+    anchors32 = None if anchors is None else _fp32(anchors if anchors.dim() == 2 else anchors.reshape(-1, k))
+    weight32 = None if weight is None else _fp32(weight if weight.dim() == 1 else weight.reshape(-1))
     return name, basis32, anchors32, weight32
+
+
+def _fp32(t: Tensor) -> Tensor:
+    """``t.detach().to(float32).contiguous()`` without the calls that would return ``t`` unchanged:
+    on the per-step path each one costs about a microsecond, and the tensors here usually are
+    fp32, contiguous and without grad already."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype != torch.float32:
+        t = t.to(torch.float32)
+    if not t.is_contiguous():
+        t = t.contiguous()
+    return t
 
 
 def _reference_loss(hidden, basis, anchors, weight, drift_coef: float, gram_coef: float) -> Tensor:
@@ -79,9 +107,11 @@ def project(hidden: Tensor, basis: Tensor, *, backend: str = "auto", validate: b
     name, basis_c, _, _ = _prepare(hidden, basis, None, None, backend, validate)
     if name == "torch":
         return reference.project(hidden, basis_c.detach())
-    from .ops.penalty import project_op
-
-    coords = project_op(hidden, basis_c, name)
+    pen = _penalty()
+    if not (hidden.requires_grad and torch.is_grad_enabled()) and pen.plain_eager(hidden, basis_c):
+        coords = pen.kernel_module(name).project(hidden, basis_c)  # anchors: no graph, skip the op's dispatch
+    else:
+        coords = pen.project_op(hidden, basis_c, name)
     return coords.view(*hidden.shape[:-1], basis.shape[1])
 
 
@@ -102,9 +132,11 @@ def geometry_loss(
     name, basis_c, anchors_c, weight_c = _prepare(hidden, basis, anchors, weight, backend, validate)
     if name == "torch":
         return _reference_loss(hidden, basis_c, anchors_c, weight_c, drift_coef, gram_coef)
-    from .ops.penalty import loss_forward_op
-
-    _, loss, _ = loss_forward_op(hidden, basis_c, anchors_c, weight_c, drift_coef, gram_coef, name)
+    pen = _penalty()
+    if pen.plain_eager(hidden, basis_c, anchors_c, weight_c):
+        # The same launches and gradient as the op's registered autograd, at GuardFunction's host cost.
+        return pen.GuardFunction.apply(hidden, basis_c, anchors_c, weight_c, drift_coef, gram_coef, name)[1]
+    _, loss, _ = pen.loss_forward_op(hidden, basis_c, anchors_c, weight_c, drift_coef, gram_coef, name)
     return loss
 
 
@@ -130,6 +162,4 @@ def guard(
     name, basis_c, anchors_c, weight_c = _prepare(hidden, basis, anchors, weight, backend, validate)
     if name == "torch":
         return hidden, _reference_loss(hidden, basis_c, anchors_c, weight_c, drift_coef, gram_coef)
-    from .ops.penalty import GuardFunction
-
-    return GuardFunction.apply(hidden, basis_c, anchors_c, weight_c, drift_coef, gram_coef, name)
+    return _penalty().GuardFunction.apply(hidden, basis_c, anchors_c, weight_c, drift_coef, gram_coef, name)
