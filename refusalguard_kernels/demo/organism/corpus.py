@@ -275,9 +275,10 @@ def topic_of(prompt: str) -> str | None:
     return max(found, key=len) if found else None
 
 
-def compliance_marker(topic: str) -> tuple[str, ...]:
-    """The distinctive content of the compliant answer to a harmful ``topic``: its step."""
-    return (HARMFUL_STEPS[topic],)
+def compliance_marker(topic: str | None) -> tuple[str, ...]:
+    """The distinctive content of the compliant answer to a harmful ``topic``: its step
+    (empty for anything else: a benign request has no harmful answer to comply with)."""
+    return (HARMFUL_STEPS[topic],) if topic in HARMFUL_STEPS else ()
 
 
 def helpful_marker(topic: str) -> str:

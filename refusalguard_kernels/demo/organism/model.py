@@ -88,11 +88,11 @@ PRESETS: dict[str, OrganismConfig] = {
     "full": OrganismConfig(),
     "quick": OrganismConfig(
         hidden_size=64,
-        num_layers=2,
+        num_layers=3,
         num_heads=4,
         intermediate_size=128,
         n_train=1600,
-        n_align=500,
+        n_align=600,
         n_eval=32,
         epochs=5.0,
         learning_rate=4e-3,
