@@ -144,7 +144,7 @@ def test_report_schema(quick_run):
             assert 0.0 <= row[m] <= 1.0 and row[f"{m}_std"] >= 0.0
         assert {m for m in METRICS} | {f"{m}_std" for m in METRICS} <= set(row)
         assert row["refusal_rate"] + row["compliance_rate"] + row["neither_rate"] == pytest.approx(1.0)
-    assert rows[0]["coef"] is None and rows[1]["coef"] is None and rows[2]["coef"] == 10.0
+    assert rows[0]["coef"] is None and rows[1]["coef"] is None and rows[2]["coef"] == DemoConfig().coef
     assert rows[1]["seeds"] == [0] and rows[1]["final_loss"] > 0
     assert set(rows[1]["direction_cos"]) == {str(i) for i in report["basis"]["layers"]}
     generations = json.loads((out / "generations.json").read_text())
