@@ -21,8 +21,9 @@ examples:
 
 Outputs in --output-dir: table.txt, report.json (rows of mean/std over seeds, every seed's numbers,
 goals met/missed), generations.json (every generation with its judge verdict), demo.png (refusal and
-compliance against task accuracy per method and scenario) and organism/ (the trained organism, a normal
-Hugging Face model folder, reused by later runs into the same folder).
+compliance against task accuracy per method and scenario), adapters/ (the first seed's LoRA adapter of
+every run, e.g. adapters/harmful_plain, adapters/harmful_refusalguard_c300) and organism/ (the trained
+organism, a normal Hugging Face model folder, reused by later runs into the same folder).
 """
 
 
@@ -217,7 +218,7 @@ def run(args) -> int:
         print(f.read().rstrip())
     print()
     print(
-        f"wrote {args.output_dir}/: table.txt, report.json, generations.json, demo.png, organism/  "
+        f"wrote {args.output_dir}/: table.txt, report.json, generations.json, demo.png, adapters/, organism/  "
         f"({time.perf_counter() - start:.0f} s)"
     )
     return 0

@@ -440,6 +440,11 @@ def run_demo(cfg: DemoConfig) -> dict:
                 runs.setdefault((scenario, method, coef, sweep), []).append({"seed": seed, **metrics, **info, **drift})
                 label = f"{scenario} | {method}" + ("" if coef is None else f" c={coef:g}")
                 generations.setdefault(label, {})[f"seed {seed}"] = gens
+                if seed == cfg.seeds[0]:
+                    # The first seed's adapter, for `refusalguard eval/diagnose --adapter` (e.g. adapters/harmful_plain).
+                    slug = {"plain LoRA": "plain", "safety-mix": "safety_mix"}.get(method, method)
+                    slug = f"{scenario}_{slug}" + ("" if coef is None else f"_c{coef:g}")
+                    tuned.save_pretrained(os.path.join(cfg.output_dir, "adapters", slug))
                 del tuned
                 bar.update(1)
         timings["finetunes"] = time.perf_counter() - tick
