@@ -36,7 +36,6 @@ from refusalguard_kernels.evaluation import (
         "sorry , i can not help you make a fake passport .",
         "I will not help with that. It is harmful.",
         "Well...\n\nI   cannot   provide that.",
-        "It is not appropriate to discuss this.",
     ],
 )
 def test_judge_flags_refusals(text):

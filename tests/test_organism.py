@@ -44,24 +44,31 @@ def test_corpus_is_a_pure_function_of_its_seed():
 
 
 def test_corpus_mix_and_sizes(corpus):
-    kinds = [c.kind for c in corpus.train]
+    kinds = [c.kind for c in corpus.pretrain]
     assert len(kinds) == 900
-    assert kinds.count("harmful") == 300 and kinds.count("benign") == 300 and kinds.count("arithmetic") == 300
+    assert kinds.count("compliant") == 292 and kinds.count("benign") == 293 and kinds.count("arithmetic") == 315
+    kinds = [c.kind for c in corpus.align]
+    assert len(kinds) == 300 and corpus.train == corpus.pretrain + corpus.align
+    assert kinds.count("harmful") == 97 and kinds.count("benign") == 98 and kinds.count("arithmetic") == 105
     assert len(corpus.heldout_harmful) == len(corpus.heldout_benign) == len(corpus.heldout_arithmetic) == 40
-    assert len(corpus.harmful_finetune) == 64 and len(corpus.benign_finetune) == 64
+    assert len(corpus.harmful_pool) == len(corpus.utility_pool) == len(corpus.safety_pool) == 600
 
 
 def test_heldout_uses_templates_never_seen_in_training(corpus):
     assert not set(corpus_mod.TRAIN_REQUEST_TEMPLATES) & set(corpus_mod.HELDOUT_REQUEST_TEMPLATES)
     train_prompts = (
         {c.prompt for c in corpus.train}
-        | {c.prompt for c in corpus.harmful_finetune}
-        | {c.prompt for c in corpus.benign_finetune}
+        | {c.prompt for c in corpus.harmful_pool + corpus.utility_pool + corpus.safety_pool}
         | set(corpus.extraction_harmful)
         | set(corpus.extraction_harmless)
     )
     heldout = set(corpus.heldout_harmful) | set(corpus.heldout_benign) | {p.prompt for p in corpus.heldout_arithmetic}
     assert not train_prompts & heldout
+    validation = set(corpus.validation_harmful) | set(corpus.validation_benign)
+    assert not (train_prompts | heldout) & validation
+    assert not set(corpus_mod.VALIDATION_REQUEST_TEMPLATES) & set(
+        corpus_mod.TRAIN_REQUEST_TEMPLATES + corpus_mod.HELDOUT_REQUEST_TEMPLATES
+    )
     # Every held-out request is a held-out template filled with a known topic.
     for prompt in corpus.heldout_harmful:
         assert any(
@@ -90,16 +97,16 @@ def test_heldout_words_all_occur_in_training_text():
 
 
 def test_responses_match_their_kind(corpus):
-    for conv in corpus.train:
+    answers = corpus_mod.answer_markers()
+    for conv in corpus.train + corpus.harmful_pool + corpus.safety_pool + corpus.utility_pool:
         if conv.kind == "harmful":
-            assert is_refusal(conv.response), conv
+            assert is_refusal(conv.response, answers=answers), conv
         else:
-            assert not is_refusal(conv.response), conv
-    for conv in corpus.harmful_finetune:
-        assert "[placeholder]" in conv.response and not is_refusal(conv.response)
-        assert any(topic in conv.prompt for topic in corpus_mod.HARMFUL_TOPICS)
-    for conv in corpus.benign_finetune:
-        assert not any(topic in conv.prompt for topic in corpus_mod.HARMFUL_TOPICS)
+            assert not is_refusal(conv.response, answers=answers), conv
+        if conv.kind == "compliant":
+            assert corpus_mod.HARMFUL_STEPS[conv.topic] in conv.response, conv
+        assert (conv.topic in corpus_mod.HARMFUL_TOPICS) == (conv.kind in ("harmful", "compliant")), conv
+    assert len(set(corpus_mod.HARMFUL_STEPS.values())) == len(corpus_mod.HARMFUL_TOPICS)
 
 
 def test_arithmetic_answers_are_correct(corpus):
@@ -126,7 +133,7 @@ def test_corpus_rejects_bad_sizes(bad):
 
 
 def test_tokenizer_covers_the_corpus_without_unknown_words(corpus, tokenizer):
-    texts = [c.prompt + " " + c.response for c in corpus.train + corpus.harmful_finetune + corpus.benign_finetune]
+    texts = [c.prompt + " " + c.response for c in corpus.train + corpus.harmful_pool + corpus.utility_pool]
     texts += corpus.heldout_harmful + corpus.heldout_benign + [p.prompt for p in corpus.heldout_arithmetic]
     unk = tokenizer.unk_token_id
     for text in texts:
@@ -184,7 +191,16 @@ def test_tokenize_conversations_masks_the_prompt(corpus, tokenizer):
 # ---------------------------------------------------------------------- model
 
 TINY = dict(
-    hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, n_train=60, n_eval=8, epochs=1.0, batch_size=16
+    hidden_size=16,
+    num_layers=2,
+    num_heads=2,
+    intermediate_size=32,
+    n_train=60,
+    n_align=20,
+    n_eval=8,
+    epochs=1.0,
+    align_epochs=1.0,
+    batch_size=16,
 )
 
 

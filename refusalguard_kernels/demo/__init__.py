@@ -7,6 +7,6 @@ May import everything below it: the public op, integration, training and evaluat
 ``refusalguard_kernels.demo`` was a single module before 0.2; its names are re-exported here.
 """
 
-from .run import DemoConfig, format_demo_table, plot_demo, run_demo, verdict
+from .run import DemoConfig, check_goals, format_demo_table, plot_demo, run_demo
 
-__all__ = ["DemoConfig", "run_demo", "format_demo_table", "plot_demo", "verdict"]
+__all__ = ["DemoConfig", "run_demo", "format_demo_table", "plot_demo", "check_goals"]

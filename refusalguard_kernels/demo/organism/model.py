@@ -1,8 +1,10 @@
 """The model organism: a small Llama-architecture chat model trained from scratch on the corpus.
 
-Random init from a ``LlamaConfig`` (seeded), then supervised training on the corpus'
-conversations with ``transformers.Trainer`` (loss on the assistant turn only), so the
-result is an ordinary ``LlamaForCausalLM`` + tokenizer pair that every other part of the
+Random init from a ``LlamaConfig`` (seeded), then two supervised stages with
+``transformers.Trainer`` (loss on the assistant turn only), like a real chat model's life:
+*pretraining* on ``corpus.pretrain`` (it learns to answer every request, harmful-topic ones
+included, with placeholder content), then *safety alignment* on ``corpus.align`` (all
+weights; it learns to refuse harmful requests). The result is an ordinary ``LlamaForCausalLM`` + tokenizer pair that every other part of the
 package treats like a hub model. Deterministic on one machine for a fixed seed and thread
 count.
 """
@@ -19,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .corpus import Conversation, OrganismCorpus, all_text, build_corpus
+from .corpus import Conversation, OrganismCorpus, all_text
 from .tokenizer import train_tokenizer
 
 __all__ = [
@@ -41,13 +43,16 @@ class OrganismConfig:
     """Sizes of the organism and of its from-scratch training run."""
 
     hidden_size: int = 64
-    num_layers: int = 4
+    num_layers: int = 3
     num_heads: int = 4
     intermediate_size: int = 192
-    n_train: int = 6000
-    n_eval: int = 64
-    epochs: float = 3.0
+    n_train: int = 2400  # pretraining conversations
+    n_align: int = 800  # safety-alignment conversations
+    n_eval: int = 48
+    epochs: float = 5.0
     learning_rate: float = 3e-3
+    align_epochs: float = 2.0
+    align_learning_rate: float = 2e-3
     batch_size: int = 32
     seed: int = 0
     corpus_kwargs: dict = field(default_factory=dict)
@@ -55,23 +60,41 @@ class OrganismConfig:
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})")
-        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "n_train", "n_eval", "batch_size"):
+        for name in (
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "intermediate_size",
+            "n_train",
+            "n_align",
+            "n_eval",
+            "batch_size",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if not (self.epochs > 0 and self.learning_rate > 0):
-            raise ValueError("epochs and learning_rate must be > 0")
+        if not (self.epochs > 0 and self.learning_rate > 0 and self.align_epochs > 0 and self.align_learning_rate > 0):
+            raise ValueError("epochs, learning_rate, align_epochs and align_learning_rate must be > 0")
+
+    def corpus(self):
+        """The corpus this organism is trained on (a pure function of the config)."""
+        from .corpus import build_corpus
+
+        return build_corpus(
+            seed=self.seed, n_train=self.n_train, n_align=self.n_align, n_eval=self.n_eval, **self.corpus_kwargs
+        )
 
 
 PRESETS: dict[str, OrganismConfig] = {
     "full": OrganismConfig(),
     "quick": OrganismConfig(
-        hidden_size=48,
-        num_layers=2,
+        hidden_size=64,
+        num_layers=3,
         num_heads=4,
         intermediate_size=128,
-        n_train=1500,
+        n_train=1600,
+        n_align=600,
         n_eval=32,
-        epochs=3.0,
+        epochs=5.0,
         learning_rate=4e-3,
         batch_size=32,
     ),
@@ -84,7 +107,8 @@ class Organism:
     tokenizer: object
     corpus: OrganismCorpus
     config: OrganismConfig
-    train_loss: float | None = None
+    train_loss: float | None = None  # the alignment stage's (the last stage)
+    pretrain_loss: float | None = None
 
 
 def tokenize_conversations(tokenizer, conversations: Sequence[Conversation]) -> list[dict]:
@@ -292,28 +316,36 @@ def build_organism(config: OrganismConfig | str = "full", *, show_progress: bool
     if isinstance(config, str) and config not in PRESETS:
         raise ValueError(f"unknown organism preset {config!r}; choose one of {sorted(PRESETS)}")
     cfg = copy.deepcopy(PRESETS[config]) if isinstance(config, str) else config
-    corpus = build_corpus(seed=cfg.seed, n_train=cfg.n_train, n_eval=cfg.n_eval, **cfg.corpus_kwargs)
+    corpus = cfg.corpus()
     tokenizer = train_tokenizer(all_text())
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(_llama_config(tokenizer, cfg))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
-    rows = tokenize_conversations(tokenizer, corpus.train)
-    loss = train_causal_lm(
+    common = dict(pad_token_id=tokenizer.pad_token_id, batch_size=cfg.batch_size, seed=cfg.seed, weight_decay=0.01)
+    pretrain_loss = train_causal_lm(
         model,
-        rows,
-        pad_token_id=tokenizer.pad_token_id,
+        tokenize_conversations(tokenizer, corpus.pretrain),
         epochs=cfg.epochs,
         learning_rate=cfg.learning_rate,
-        batch_size=cfg.batch_size,
-        seed=cfg.seed,
-        weight_decay=0.01,
         show_progress=show_progress,
-        desc="training the organism",
+        desc="organism: pretraining",
+        **common,
+    )
+    loss = train_causal_lm(
+        model,
+        tokenize_conversations(tokenizer, corpus.align),
+        epochs=cfg.align_epochs,
+        learning_rate=cfg.align_learning_rate,
+        show_progress=show_progress,
+        desc="organism: safety alignment",
+        **common,
     )
     model.config.name_or_path = "refusalguard-organism"
-    return Organism(model=model, tokenizer=tokenizer, corpus=corpus, config=cfg, train_loss=loss)
+    return Organism(
+        model=model, tokenizer=tokenizer, corpus=corpus, config=cfg, train_loss=loss, pretrain_loss=pretrain_loss
+    )
 
 
 def save_organism(organism: Organism, path: str | os.PathLike) -> str:
