@@ -25,7 +25,7 @@ __all__ = [
     "load_model_and_tokenizer",
     "add_common_model_options",
     "add_device_options",
-    "add_prompt_column_options",
+    "add_prompt_set_options",
 ]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -202,8 +202,9 @@ def add_device_options(parser: argparse.ArgumentParser, what: str = "the model")
     )
 
 
-def add_prompt_column_options(parser, *sets: str) -> None:
-    """``--<set>-column`` for each prompt-set option (``--harmful``, ``--harmless``, ...)."""
+def add_prompt_set_options(parser, *sets: str, split: bool = False) -> None:
+    """``--<set>-column`` for each prompt-set option (``--harmful``, ``--harmless``, ...), ``--limit``,
+    and with ``split`` one ``--split`` for all sets."""
     for name in sets:
         parser.add_argument(
             f"--{name}-column",
@@ -211,6 +212,15 @@ def add_prompt_column_options(parser, *sets: str) -> None:
             metavar="NAME",
             help=f"field holding the prompt in --{name} objects / CSV / dataset rows",
         )
+    if split:
+        parser.add_argument("--split", default="train", help="dataset split to read prompts from (dataset sources)")
+    parser.add_argument(
+        "--limit",
+        type=int_at_least("--limit"),
+        default=None,
+        metavar="N",
+        help="use only the first N prompts of each set (default: all)",
+    )
 
 
 def _number(name: str, kind, text: str):

@@ -10,7 +10,7 @@ from .common import (
     HelpFormatter,
     add_common_model_options,
     add_device_options,
-    add_prompt_column_options,
+    add_prompt_set_options,
     cli_errors,
     int_at_least,
 )
@@ -72,7 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="SOURCE",
         help="prompts that should be refused (see the source list below), or none",
     )
-    add_prompt_column_options(prompts, "harmful", "benign")
+    add_prompt_set_options(prompts, "harmful", "benign")
     prompts.add_argument("--harmful-split", default="train", metavar="NAME", help="dataset split for --harmful")
     prompts.add_argument(
         "--harmful-config",
@@ -89,13 +89,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     prompts.add_argument("--benign-split", default="train", metavar="NAME", help="dataset split for --benign")
     prompts.add_argument(
         "--benign-config", default=None, metavar="NAME", help="dataset configuration (subset) for --benign"
-    )
-    prompts.add_argument(
-        "--limit",
-        type=int_at_least("--limit"),
-        default=None,
-        metavar="N",
-        help="use only the first N prompts of each set (default: all)",
     )
     prompts.add_argument(
         "--arithmetic",

@@ -9,7 +9,7 @@ from .common import (
     HelpFormatter,
     add_common_model_options,
     add_device_options,
-    add_prompt_column_options,
+    add_prompt_set_options,
     cli_errors,
     int_at_least,
     load_model_and_tokenizer,
@@ -58,15 +58,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="SOURCE",
         help="prompts the model should answer: builtin:harmless, a file, or a dataset name",
     )
-    add_prompt_column_options(parser, "harmful", "harmless")
-    parser.add_argument("--split", default="train", help="dataset split to read prompts from (dataset sources)")
-    parser.add_argument(
-        "--limit",
-        type=int_at_least("--limit"),
-        default=None,
-        metavar="N",
-        help="use only the first N prompts of each set (default: all)",
-    )
+    add_prompt_set_options(parser, "harmful", "harmless", split=True)
     parser.add_argument(
         "--layers",
         type=parse_layers,

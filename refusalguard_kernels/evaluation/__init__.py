@@ -1,5 +1,6 @@
-"""Evaluation: batched generation and judges with refusal / over-refusal / task metrics
-(``generation``), and drift diagnostics of a model's refusal geometry (``diagnostics``).
+"""Evaluation: batched generation, the keyword refusal and compliance judges and the refusal /
+compliance / over-refusal / task metrics (``generation``), classifier judges in the Llama Guard and
+HarmBench style (``judges``), and drift diagnostics of a model's refusal geometry (``diagnostics``).
 
 May import: the public op, ``refusalguard_kernels.integration`` and ``.training``. Never demo or cli.
 
