@@ -1,5 +1,7 @@
-"""The guard under FSDP2 (torch.distributed.fsdp.fully_shard): 2 CPU processes with gloo, online
-anchors through the sharded model, give the single-process penalty and gradients."""
+"""The guard under FSDP2 (torch.distributed.fsdp.fully_shard), 2 CPU processes with gloo: applied by hand
+with the guard driven directly (the single-process penalty and gradients), and through RefusalGuardTrainer
+with accelerate's FSDP2 (the single-process logged penalties and adapter weights); online anchors through
+the sharded model in both."""
 
 from __future__ import annotations
 
