@@ -52,6 +52,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .model_utils import datasets_progress
+
 __all__ = [
     "ANCHOR_COLUMN",
     "CachedAnchorsError",
@@ -456,10 +458,7 @@ def add_cached_anchors(
         f"{dataset._fingerprint}|{expected}|{column}|{batch_size}|{getattr(guard, 'backend', '')}".encode()
     ).hexdigest()[:32]
 
-    was_enabled = datasets.utils.is_progress_bar_enabled()
-    if not show_progress and was_enabled:
-        datasets.utils.disable_progress_bars()
-    try:
+    with datasets_progress(show_progress):
         return dataset.map(
             compute,
             batched=True,
@@ -468,9 +467,6 @@ def add_cached_anchors(
             new_fingerprint=new_fingerprint,
             desc="refusalguard: caching anchors",
         )
-    finally:
-        if not show_progress and was_enabled:
-            datasets.utils.enable_progress_bars()
 
 
 def _bare(model):

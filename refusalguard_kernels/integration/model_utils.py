@@ -409,3 +409,19 @@ def right_padded_batch(sequences, pad_id: int) -> tuple[torch.Tensor, torch.Tens
         input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
         attention_mask[row, : len(ids)] = 1
     return input_ids, attention_mask
+
+
+@contextlib.contextmanager
+def datasets_progress(show: bool) -> Iterator[None]:
+    """``datasets``' own progress bars on or off for a block (``Dataset.map`` has no per-call
+    switch); the previous global setting is put back afterwards, also on exceptions."""
+    import datasets
+
+    was_enabled = datasets.utils.is_progress_bar_enabled()
+    if not show and was_enabled:
+        datasets.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not show and was_enabled:
+            datasets.utils.enable_progress_bars()

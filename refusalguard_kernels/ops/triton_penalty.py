@@ -311,6 +311,21 @@ def _penalty_bwd_kernel(
 # basis fp32 contiguous (d, k); anchors fp32 contiguous (N, k); weight fp32 contiguous (N,) or None.
 
 
+def _tile_meta(cfg: TileConfig, N: int, d: int, k: int, block_d: int) -> dict:
+    """The tile constexprs both main kernels take, from the tile config and the shape (the EVEN_*
+    flags drop the masks on full tiles)."""
+    return dict(
+        BLOCK_N=cfg.block_n,
+        BLOCK_D=block_d,
+        BLOCK_K=padded_k(k),
+        NUM_STAGES=cfg.num_stages,
+        EVEN_N=N % cfg.block_n == 0,
+        EVEN_D=d % block_d == 0,
+        UPCAST_DOT=interpreting(),
+        num_warps=cfg.num_warps,
+    )
+
+
 def _device_context(device: torch.device):
     """Make the tensors' device current while launching: Triton launches on the current
     device (and its current stream), which with a model split over GPUs need not be the
@@ -355,14 +370,7 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
         COMPUTE_LOSS=compute_loss,
         HAS_WEIGHT=weight is not None,
         GRAM=gram,
-        BLOCK_N=cfg.block_n,
-        BLOCK_D=block_d,
-        BLOCK_K=padded_k(k),
-        NUM_STAGES=cfg.num_stages,
-        EVEN_N=N % cfg.block_n == 0,
-        EVEN_D=d % block_d == 0,
-        UPCAST_DOT=interpreting(),
-        num_warps=cfg.num_warps,
+        **_tile_meta(cfg, N, d, k, block_d),
     )
     if not compute_loss:
         return coords, None, None
@@ -441,14 +449,7 @@ def _backward(
         HAS_WEIGHT=weight is not None,
         GRAM=(not dz_given) and gram_coef != 0.0,
         SPLIT=split,
-        BLOCK_N=cfg.block_n,
-        BLOCK_D=block_d,
-        BLOCK_K=padded_k(k),
-        NUM_STAGES=cfg.num_stages,
-        EVEN_N=N % cfg.block_n == 0,
-        EVEN_D=d % block_d == 0,
-        UPCAST_DOT=interpreting(),
-        num_warps=cfg.num_warps,
+        **_tile_meta(cfg, N, d, k, block_d),
     )
     if emulate_rounding:
         out.copy_(kernel_out)

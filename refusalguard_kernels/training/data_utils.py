@@ -24,6 +24,8 @@ import os
 import warnings
 from pathlib import Path
 
+from ..integration.model_utils import datasets_progress
+
 __all__ = [
     "DATA_FILE_SUFFIXES",
     "FIELD_PAIRS",
@@ -261,12 +263,7 @@ def tokenize_dataset(
             out["prompt_lengths"].append(n_prompt)
         return out
 
-    import datasets
-
-    was_enabled = datasets.utils.is_progress_bar_enabled()
-    if not show_progress and was_enabled:
-        datasets.utils.disable_progress_bars()
-    try:
+    with datasets_progress(show_progress):
         tokenized = dataset.map(
             encode_text if text_field is not None else encode_pairs,
             batched=True,
@@ -274,9 +271,6 @@ def tokenize_dataset(
             remove_columns=dataset.column_names,
             desc="tokenizing",
         )
-    finally:
-        if not show_progress and was_enabled:
-            datasets.utils.enable_progress_bars()
     dropped = len(dataset) - len(tokenized)
     what = f"field {text_field!r}" if text_field is not None else f"fields {prompt_field!r}/{response_field!r}"
     if len(tokenized) == 0:
@@ -395,12 +389,7 @@ def tokenize_chats(
             out["labels"].append(labels)
         return out
 
-    import datasets
-
-    was_enabled = datasets.utils.is_progress_bar_enabled()
-    if not show_progress and was_enabled:
-        datasets.utils.disable_progress_bars()
-    try:
+    with datasets_progress(show_progress):
         tokenized = dataset.map(
             encode,
             batched=True,
@@ -409,9 +398,6 @@ def tokenize_chats(
             remove_columns=dataset.column_names,
             desc="applying the chat template",
         )
-    finally:
-        if not show_progress and was_enabled:
-            datasets.utils.enable_progress_bars()
     if len(tokenized) == 0:
         raise ValueError(
             f"no trainable examples: none of the {len(dataset)} conversations has an assistant turn within "
