@@ -25,7 +25,7 @@ from .backends import available_backends
 from .functional import geometry_loss, guard, project
 from .validation import ORTHONORMAL_ATOL, orthonormalize_basis
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "RefusalBasis": "refusalguard_kernels.integration.basis",

@@ -37,38 +37,32 @@ def single_process():
     return {"grads": grads, "penalty": guard.penalty().detach()}
 
 
-def fsdp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    """One FSDP2 rank: fully_shard per decoder layer and at the root, half the batch, online anchors
-    through the sharded model, loss + penalty, backward; saves the full gradients and the penalty."""
+def fsdp_worker(rank: int, world_size: int, out_dir: str) -> None:
+    """One FSDP2 rank (run through ``gloo_ranks.run_ranks``): fully_shard per decoder layer and at the
+    root, half the batch, online anchors through the sharded model, loss + penalty, backward; saves the
+    full gradients and the penalty."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
     from refusalguard_kernels.integration.hooks import RefusalGuard
 
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        model, batch, basis = reference()
-        guard = RefusalGuard(model, basis, backend="torch")  # hooks on the layers, before sharding
-        for layer in model.get_base_model().model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-        half = batch["input_ids"].shape[0] // world_size
-        local = {key: value[rank * half : (rank + 1) * half] for key, value in batch.items()}
-        anchors = guard.anchors(model=model, **local)
-        guard.arm(anchors, guard.weights(**local))
-        out = model(**local)
-        (out.loss + guard.penalty()).backward()
-        penalty = guard.penalty().detach().clone()
-        dist.all_reduce(penalty)
-        grads = {name: p.grad.full_tensor().detach().clone() for name, p in model.named_parameters() if p.requires_grad}
-        if rank == 0:
-            torch.save({"grads": grads, "penalty": penalty / world_size}, os.path.join(out_dir, "fsdp.pt"))
-        guard.remove()
-    finally:
-        dist.destroy_process_group()
+    model, batch, basis = reference()
+    guard = RefusalGuard(model, basis, backend="torch")  # hooks on the layers, before sharding
+    for layer in model.get_base_model().model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    half = batch["input_ids"].shape[0] // world_size
+    local = {key: value[rank * half : (rank + 1) * half] for key, value in batch.items()}
+    anchors = guard.anchors(model=model, **local)
+    guard.arm(anchors, guard.weights(**local))
+    out = model(**local)
+    (out.loss + guard.penalty()).backward()
+    penalty = guard.penalty().detach().clone()
+    dist.all_reduce(penalty)
+    grads = {name: p.grad.full_tensor().detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    if rank == 0:
+        torch.save({"grads": grads, "penalty": penalty / world_size}, os.path.join(out_dir, "fsdp.pt"))
+    guard.remove()
 
 
 # ---------------------------------------------------------------------- through the Trainer
@@ -120,6 +114,7 @@ def trainer_args(out_dir: str, world_size: int, **overrides):
         use_cpu=True,
         save_strategy="no",
         learning_rate=5e-2,
+        optim="sgd",  # not AdamW: see test_fsdp2_through_the_trainer_matches_one_process
         lr_scheduler_type="constant",
         disable_tqdm=True,
         seed=0,
@@ -194,22 +189,13 @@ def trainer_single_process(out_dir: str) -> dict:
     return _result(trainer, params)
 
 
-def fsdp_trainer_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+def fsdp_trainer_worker(rank: int, world_size: int, out_dir: str) -> None:
     """One rank of RefusalGuardTrainer under FSDP2 (``fsdp_config={"version": 2}``, accelerate's
     ``fully_shard`` per LlamaDecoderLayer and at the root), online anchors, half the global batch; rank 0
     saves the logs, the full adapter weights and what the anchor passes ran through."""
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    torch.set_num_threads(1)
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_WORLD_SIZE=str(world_size),
-    )
     model, guard, dataset, tokenizer = trainer_setup()
     seen = _spy_on_anchor_model(guard)
     args = trainer_args(
@@ -233,5 +219,3 @@ def fsdp_trainer_worker(rank: int, world_size: int, port: int, out_dir: str) -> 
     guard.remove()
     if rank == 0:
         torch.save(result, os.path.join(out_dir, "fsdp_trainer.pt"))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()

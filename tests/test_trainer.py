@@ -202,7 +202,12 @@ def test_gradient_accumulation_matches_one_large_batch(tokenizer, equal_length_t
     assert big_log["guard_penalty"] > 0
     assert acc_log["guard_penalty"] == pytest.approx(big_log["guard_penalty"], rel=1e-5)
     assert acc_log["loss"] == pytest.approx(big_log["loss"], rel=1e-5)
-    assert torch.allclose(accumulated, big, rtol=1e-4, atol=1e-9)
+    # The two runs differ only in float32 summation order. Measured on the update vector: norm-wise 5.8e-7,
+    # element-wise max|diff| / max|update| 1.2e-6. An element-wise rtol (the old check: rtol 1e-4, atol 1e-9)
+    # is ill-posed here: an update element of ~1e-5 carries the rounding of sums of ~1e-2 terms (~1e-8), so
+    # it failed or passed with the CPU's vector width. Both bounds below are this project's standard ones.
+    assert (accumulated - big).norm() <= 1e-5 * big.norm()
+    assert (accumulated - big).abs().max() <= 1e-5 * big.abs().max()
     # The penalty moves the update far more than accumulation's rounding does.
     assert (big - no_penalty).norm() > 1e3 * (big - accumulated).norm()
 

@@ -4,7 +4,7 @@ Nothing here downloads anything. ``char_tokenizer`` has one token per printable 
 (vocab < 128); ``tiny_tokenizer`` is a word-level ``tokenizers`` model trained on a few sentences
 (plus the words of the built-in prompt sets). Models are built from configs with random weights
 (hidden 32, dropout 0, eager attention). Also holds the DDP worker, which must be importable by
-the spawned processes.
+the spawned processes (``gloo_ranks.run_ranks`` runs it).
 """
 
 from __future__ import annotations
@@ -272,40 +272,34 @@ def perturb_(model, seed: int = 7, scale: float = 0.05) -> None:
 # ---------------------------------------------------------------------------- DDP
 
 
-def ddp_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
-    """One DDP rank: half the batch, task loss + penalty, backward; saves the averaged gradients."""
+def ddp_worker(rank: int, world_size: int, out_dir: str) -> None:
+    """One DDP rank (run through ``gloo_ranks.run_ranks``, which owns the process group): half the
+    batch, task loss + penalty, backward; rank 0 saves the averaged gradients."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from refusalguard_kernels.integration.hooks import RefusalGuard
 
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
-    try:
-        model = ddp_reference_model()
-        batch = ddp_batch()
-        half = batch["input_ids"].shape[0] // world_size
-        local = {key: value[rank * half : (rank + 1) * half] for key, value in batch.items()}
-        basis = random_basis(model, [0, 2], k=2)
-        guard = RefusalGuard(model, basis, backend="torch")
-        anchors = guard.anchors(**local)
-        perturbed_step(model)
-        ddp_model = DDP(model)
-        guard.arm(anchors, guard.weights(**local))
-        out = ddp_model(**local)
-        loss = out.loss + guard.penalty()
-        loss.backward()
-        mean_penalty = guard.penalty().detach().clone()
-        dist.all_reduce(mean_penalty)
-        mean_penalty /= world_size
-        if rank == 0:
-            grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-            torch.save({"grads": grads, "penalty": mean_penalty}, os.path.join(out_dir, "ddp.pt"))
-        guard.remove()
-    finally:
-        dist.destroy_process_group()
+    model = ddp_reference_model()
+    batch = ddp_batch()
+    half = batch["input_ids"].shape[0] // world_size
+    local = {key: value[rank * half : (rank + 1) * half] for key, value in batch.items()}
+    basis = random_basis(model, [0, 2], k=2)
+    guard = RefusalGuard(model, basis, backend="torch")
+    anchors = guard.anchors(**local)
+    perturbed_step(model)
+    ddp_model = DDP(model)
+    guard.arm(anchors, guard.weights(**local))
+    out = ddp_model(**local)
+    loss = out.loss + guard.penalty()
+    loss.backward()
+    mean_penalty = guard.penalty().detach().clone()
+    dist.all_reduce(mean_penalty)
+    mean_penalty /= world_size
+    if rank == 0:
+        grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+        torch.save({"grads": grads, "penalty": mean_penalty}, os.path.join(out_dir, "ddp.pt"))
+    guard.remove()
 
 
 def ddp_reference_model():

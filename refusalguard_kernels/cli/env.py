@@ -69,6 +69,13 @@ def collect_env() -> dict:
     except Exception as exc:  # a broken torch is exactly what a report must show
         env["torch_error"] = f"{type(exc).__name__}: {exc}"
         return env
+    try:
+        from ..integration.versions import active_conflicts, installed_versions
+
+        versions = installed_versions()
+        env["version_conflicts"] = [conflict.message(versions) for conflict in active_conflicts(versions)]
+    except ImportError:  # without the [train] extra there is nothing to conflict
+        env["version_conflicts"] = []
     env["torch_cuda"] = torch.version.cuda
     env["torch_hip"] = getattr(torch.version, "hip", None)
     env["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
@@ -112,6 +119,8 @@ def format_env(env: dict) -> str:
             lines.append("GPUs: none visible to torch")
         lines.append(f"available backends: {', '.join(env['available_backends'])}")
         lines.append(f"CUDA extension: {env['cuda_extension']}")
+    for conflict in env.get("version_conflicts", []):
+        lines.append(f"version conflict: {conflict}")
     lines.append(f"TRITON_INTERPRET: {env['TRITON_INTERPRET'] if env['TRITON_INTERPRET'] is not None else 'unset'}")
     lines.append(
         f"CUDA_VISIBLE_DEVICES: {env['CUDA_VISIBLE_DEVICES'] if env['CUDA_VISIBLE_DEVICES'] is not None else 'unset'}"
