@@ -624,9 +624,15 @@ def test_ddp_two_processes_match_one(tmp_path):
 def test_weights_all_and_tensor():
     model = tiny_model("llama")
     batch = random_batch(pad_rows={1: 3}, left=True)
-    guard = RefusalGuard(model, random_basis(model, [1]), backend="torch")
+    guard = RefusalGuard(model, random_basis(model, [1]), backend="torch", exclude_first=0)
     assert torch.equal(guard.weights(**batch), batch["attention_mask"].float())
     assert torch.equal(guard.weights(input_ids=batch["input_ids"]), torch.ones(4, 12))
+    guard.remove()
+    # the default never guards the first non-padding token of a row (the attention sink)
+    guard = RefusalGuard(model, random_basis(model, [1]), backend="torch")
+    want = batch["attention_mask"].float()
+    want[[0, 1, 2, 3], [0, 3, 0, 0]] = 0.0  # row 1 is left-padded by 3
+    assert torch.equal(guard.weights(**batch), want)
     guard.remove()
     fixed = torch.rand(4, 12) + 0.5
     guard = RefusalGuard(model, random_basis(model, [1]), positions=fixed, backend="torch")
@@ -638,8 +644,9 @@ def test_weights_all_and_tensor():
         RefusalGuard(model, random_basis(model, [1]), positions=-fixed)
 
 
+@pytest.mark.parametrize("exclude_first", [0, 1])
 @pytest.mark.parametrize("left", [False, True])
-def test_weights_prompt_response_reft(left):
+def test_weights_prompt_response_reft(left, exclude_first):
     model = tiny_model("llama")
     seq = 10
     batch = random_batch(batch=3, seq=seq, pad_rows={1: 3, 2: 1}, left=left)
@@ -651,18 +658,25 @@ def test_weights_prompt_response_reft(left):
         for row in range(3):
             start = seq - lengths[row] if left else 0
             for j in row_fn(row):
-                out[row, start + j] = 1.0
+                if j >= exclude_first:
+                    out[row, start + j] = 1.0
         return out
 
     prompt = expected(lambda r: range(prompt_lengths[r]))
     response = expected(lambda r: range(prompt_lengths[r], lengths[r]))
     reft = expected(lambda r: sorted({0, *range(max(0, prompt_lengths[r] - 2), prompt_lengths[r])}))
+    in_prompt = torch.zeros(3, seq, dtype=torch.bool)  # the whole prompt, whatever exclude_first
+    for row in range(3):
+        start = seq - lengths[row] if left else 0
+        in_prompt[row, start : start + prompt_lengths[row]] = True
     for positions, want in (("prompt", prompt), ("response", response), ("f1+l2", reft)):
-        guard = RefusalGuard(model, random_basis(model, [1]), positions=positions, backend="torch")
+        guard = RefusalGuard(
+            model, random_basis(model, [1]), positions=positions, backend="torch", exclude_first=exclude_first
+        )
         assert torch.equal(guard.weights(**batch, prompt_lengths=prompt_lengths), want), positions
         # the same boundary from labels (-100 on prompt and padding)
         labels = batch["input_ids"].clone()
-        labels[want.new_zeros(3, seq).bool() | (prompt > 0) | (batch["attention_mask"] == 0)] = -100
+        labels[in_prompt | (batch["attention_mask"] == 0)] = -100
         assert torch.equal(
             guard.weights(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels), want
         ), positions
