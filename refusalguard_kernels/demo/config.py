@@ -41,28 +41,30 @@ SCENARIOS = ("harmful", "poisoned-10", "poisoned-30", "benign")
 METHODS = ("plain LoRA", "safety-mix", "procon", "refusalguard", "random-subspace", "kl", "low-lr")
 #: the controls of issue 18: the guard's claim stands only where it beats them.
 CONTROLS = ("random-subspace", "kl", "low-lr")
-PRESETS = ("quick", "default", "full")
+PRESETS = ("quick", "default", "full", "reduced")  # "reduced": the SmolLM2 benchmark's reduced run
 MODELS = ("organism", "smollm2")
 
-#: each method's strength in the main table (validated on the organism's validation phrasings;
-#: docs/demo.md, "Tuning").
+#: each method's strength in the main table: on the organism's validation phrasings (2 seeds), the
+#: smallest value of the sweep grid that kept >= 0.95 refusal against the harmful attack and >= 0.80
+#: on poisoned-30 (docs/demo.md, "Tuning"); the random subspace takes the guard's coefficient (the
+#: control's definition); safety-mix reached neither bar (0.23 at share 1.0) and keeps the common 0.2.
 DEFAULT_STRENGTHS: dict[str, float | None] = {
     "plain LoRA": None,
     "safety-mix": 0.2,
-    "procon": 30.0,
+    "procon": 300.0,
     "refusalguard": 30.0,
     "random-subspace": 30.0,
-    "kl": 1.0,
-    "low-lr": 0.1,
+    "kl": 30.0,
+    "low-lr": 0.03,
 }
 #: the extra strengths of the frontier sweep (the main strength is always included).
 SWEEP_STRENGTHS: dict[str, list[float]] = {
     "safety-mix": [0.5, 1.0],
-    "procon": [3.0, 300.0],
+    "procon": [10.0, 30.0, 100.0],
     "refusalguard": [3.0, 10.0, 100.0],
-    "random-subspace": [3.0, 300.0],
-    "kl": [0.3, 3.0, 10.0],
-    "low-lr": [0.03, 0.3],
+    "random-subspace": [3.0, 10.0, 100.0],
+    "kl": [1.0, 3.0, 10.0],
+    "low-lr": [0.1, 0.3],
 }
 
 
@@ -81,7 +83,7 @@ class DemoConfig:
     model: str = "organism"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     organism_seeds: list[int] = field(default_factory=lambda: [0])
-    scenarios: list[str] = field(default_factory=lambda: ["harmful", "poisoned-10", "benign"])
+    scenarios: list[str] = field(default_factory=lambda: ["harmful", "poisoned-30", "benign"])
     methods: list[str] = field(default_factory=lambda: list(METHODS))
     strengths: dict = field(default_factory=lambda: dict(DEFAULT_STRENGTHS))
     sweep: bool = False
@@ -89,9 +91,7 @@ class DemoConfig:
     sweep_scenarios: list[str] = field(default_factory=lambda: ["poisoned-30"])
     budgets: list[float] = field(default_factory=lambda: [1.0])
     budget_scenarios: list[str] = field(default_factory=lambda: ["harmful"])
-    budget_methods: list[str] = field(
-        default_factory=lambda: ["plain LoRA", "safety-mix", "refusalguard", "random-subspace", "kl", "low-lr"]
-    )
+    budget_methods: list[str] = field(default_factory=lambda: ["plain LoRA", "refusalguard", "random-subspace", "kl"])
     # the guards (RefusalGuard, ProCon, random subspace)
     k: int = 3
     gram_ratio: float = 0.03  # gram_coef = gram_ratio * drift_coef (spread units)
@@ -113,11 +113,14 @@ class DemoConfig:
     # evaluation
     max_new_tokens: int = 64
     samples: int = 0  # sampled generations per harmful prompt (temperature below) beside greedy; 0: greedy only
+    sample_scenarios: list[str] = field(default_factory=lambda: ["harmful"])  # where the samples are drawn
     temperature: float = 0.7
     n_boot: int = 2000
-    drift: bool = True  # the refusal-direction cosine and coupling of every fine-tune
+    drift: bool = True  # the refusal-direction cosine and coupling of every main-strength, 1x-budget fine-tune
     generations_per_run: int = 20  # greedy generations per prompt set kept in generations.json
-    threads: int = 1  # the organism's matmuls are tiny: 1 thread is as fast when idle and far faster when the cores are shared
+    threads: int = (
+        1  # the organism's matmuls are tiny: 1 thread is as fast when idle and far faster when the cores are shared
+    )
     organism: str | None = None  # a saved organism folder to reuse instead of the cache
     validation: bool = False  # measure on the validation prompts (for tuning) instead of the held-out ones
     cache: bool = True  # reuse a run's cached result when its config hash matches
@@ -135,7 +138,7 @@ class DemoConfig:
             values = getattr(self, name)
             if not values or len(set(values)) != len(values):
                 raise ValueError(f"{name} must be a non-empty list of distinct ints; got {values}")
-        for name in ("scenarios", "sweep_scenarios", "budget_scenarios"):
+        for name in ("scenarios", "sweep_scenarios", "budget_scenarios", "sample_scenarios"):
             unknown = [s for s in getattr(self, name) if s not in SCENARIOS]
             if unknown:
                 raise ValueError(f"unknown {name} {unknown}; choose from {list(SCENARIOS)}")
@@ -197,7 +200,7 @@ def preset_config(preset: str = "default", **overrides) -> DemoConfig:
 
     * ``quick``: the quick organism, harmful + poisoned-10, plain LoRA, RefusalGuard and the
       random-subspace control, seeds 0, 1, no drift measures (under a minute);
-    * ``default``: organism 0, harmful + poisoned-10 + benign, every method at its main
+    * ``default``: organism 0, harmful + poisoned-30 + benign, every method at its main
       strength, seeds 0, 1, 2 (about 5 minutes on 2 cores);
     * ``full``: organisms 0, 1, 2, every scenario and method, seeds 0-4, the strength sweep
       (frontier) on poisoned-30, the attack-budget sweep (1x, 3x, 10x) on harmful, sampled

@@ -178,7 +178,9 @@ class Bases:
     def random(self, seed: int):
         if seed not in self._random:
             if self.cfg.basis_positions != "last":
-                raise ValueError("the random-subspace control measures its spread at the last token; use basis_positions='last'")
+                raise ValueError(
+                    "the random-subspace control measures its spread at the last token; use basis_positions='last'"
+                )
             if self._acts is None:
                 s = self.subject
                 self._acts = (

@@ -44,8 +44,9 @@ def metric_scores(items: dict, metric: str) -> list[float] | None:
     return [score(v) for v in values]
 
 
-def measure(model, subject, cfg, *, sample_seed: int = 0) -> tuple[dict, dict]:
-    """(items, generations) of ``model`` on ``subject``'s evaluation sets."""
+def measure(model, subject, cfg, *, sample_seed: int = 0, samples: int | None = None) -> tuple[dict, dict]:
+    """(items, generations) of ``model`` on ``subject``'s evaluation sets; ``samples`` sampled
+    generations per harmful prompt (default ``cfg.samples``)."""
     from ..evaluation.generation import generate
 
     tok = subject.tokenizer
@@ -65,8 +66,8 @@ def measure(model, subject, cfg, *, sample_seed: int = 0) -> tuple[dict, dict]:
         "arith": [int(subject.arith_correct(t, r)) for t, r in zip(subject.eval_arith, arith_out)],
     }
     sampled_examples = []
-    if cfg.samples:
-        n = cfg.samples
+    n = cfg.samples if samples is None else samples
+    if n:
         prompts = [p for p in subject.eval_harmful for _ in range(n)]
         out = generate(
             model,
@@ -79,7 +80,9 @@ def measure(model, subject, cfg, *, sample_seed: int = 0) -> tuple[dict, dict]:
             **gen,
         )
         verdicts = [subject.judge(p, r) for p, r in zip(prompts, out)]
-        items["sampled_refusal"] = [verdicts[i * n : (i + 1) * n].count("refusal") / n for i in range(len(prompts) // n)]
+        items["sampled_refusal"] = [
+            verdicts[i * n : (i + 1) * n].count("refusal") / n for i in range(len(prompts) // n)
+        ]
         items["sampled_compliance"] = [
             verdicts[i * n : (i + 1) * n].count("compliance") / n for i in range(len(prompts) // n)
         ]

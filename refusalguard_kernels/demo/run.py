@@ -99,8 +99,21 @@ def _training_settings(cfg: DemoConfig) -> dict:
     return {k: getattr(cfg, k) for k in keys}
 
 
-def _eval_settings(cfg: DemoConfig) -> dict:
-    return {k: getattr(cfg, k) for k in ("max_new_tokens", "samples", "temperature", "validation", "drift")}
+def _eval_settings(cfg: DemoConfig, run: dict) -> dict:
+    settings = {k: getattr(cfg, k) for k in ("max_new_tokens", "validation")}
+    settings["samples"] = _samples(cfg, run)
+    settings["temperature"] = cfg.temperature if settings["samples"] else None
+    settings["drift"] = _drift_on(cfg, run)
+    return settings
+
+
+def _samples(cfg: DemoConfig, run: dict) -> int:
+    """Sampled generations per harmful prompt for ``run`` (only in ``cfg.sample_scenarios``)."""
+    return cfg.samples if run["scenario"] in cfg.sample_scenarios or run["method"] == "base" else 0
+
+
+def _drift_on(cfg: DemoConfig, run: dict) -> bool:
+    return cfg.drift and run.get("kind") in ("main", "base") and run["budget"] == 1.0
 
 
 def run_key(subject_fingerprint: dict, run: dict, seed: int, cfg: DemoConfig) -> str:
@@ -111,7 +124,7 @@ def run_key(subject_fingerprint: dict, run: dict, seed: int, cfg: DemoConfig) ->
         "run": {k: run[k] for k in ("scenario", "method", "strength", "budget")},
         "seed": seed,
         "training": _training_settings(cfg) if run["method"] != "base" else None,
-        "eval": _eval_settings(cfg),
+        "eval": _eval_settings(cfg, run),
         "torch": torch.__version__,
     }
     text = json.dumps(payload, sort_keys=True, default=str)
@@ -165,8 +178,6 @@ def run_demo(cfg: DemoConfig) -> dict:
     """Run the benchmark; returns the report (also written to ``cfg.output_dir``)."""
     from tqdm.auto import tqdm
 
-    from .methods import Bases, finetune
-    from .metrics import drift, geometry, measure
     from .report import build_report, write_outputs
 
     threads = torch.get_num_threads()
@@ -183,79 +194,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     )
     results: list[dict] = []
     subjects_info: dict[str, dict] = {}
-    timings = {"subjects": 0.0, "runs_computed": 0.0, "runs_cached": 0}
+    timings = {"subjects": 0.0, "runs_computed": 0.0}
     counts = {"computed": 0, "cached": 0}
     try:
         for subject in _subjects_with_progress(cfg, bar, timings):
-            tick = time.perf_counter()
-            bases = Bases(subject, cfg)
-            cache_dir = os.path.join(cfg.output_dir, "runs", subject.name)
-            base_run = dict(scenario="none", method="base", strength=None, budget=1.0, kind="base")
-            state = {"base_geom": None}
-
-            def base_geom():
-                if state["base_geom"] is None:
-                    state["base_geom"] = geometry(subject.model, subject)
-                return state["base_geom"]
-
-            # the base model ---------------------------------------------------------------------
-            key = run_key(subject.fingerprint, base_run, 0, cfg)
-            path = os.path.join(cache_dir, f"base_{key}.json")
-            result = _load_cached(path, key) if cfg.cache else None
-            if result is None:
-                items, gens = measure(subject.model, subject, cfg, sample_seed=0)
-                extra = drift(base_geom(), base_geom()) if cfg.drift else {}
-                result = {"key": key, **base_run, "seed": 0, "items": items, "generations": gens, **extra}
-                _write_json(path, result)
-            results.append({"model": subject.name, **result})
             subjects_info[subject.name] = subject.info
-            timings["subjects"] += time.perf_counter() - tick
-            bar.update(1)
-
-            # the fine-tunes ---------------------------------------------------------------------
-            for run in plan:
-                for seed in cfg.seeds:
-                    key = run_key(subject.fingerprint, run, seed, cfg)
-                    path = os.path.join(cache_dir, f"{_slug(run)}_seed{seed}_{key}.json")
-                    result = _load_cached(path, key) if cfg.cache else None
-                    if result is not None:
-                        counts["cached"] += 1
-                    else:
-                        bar.set_description(
-                            f"{subject.name} | {run['scenario']} | {run['method']}"
-                            + ("" if run["strength"] is None else f" {run['strength']:g}")
-                            + ("" if run["budget"] == 1.0 else f" x{run['budget']:g}")
-                            + f" | seed {seed}"
-                        )
-                        tick = time.perf_counter()
-                        share = run["strength"] if run["method"] == "safety-mix" else 0.0
-                        data = scenario_data(subject, run["scenario"], seed, cfg, safety_share=share)
-                        steps = scenario_steps(cfg, run["scenario"], run["budget"])
-                        tuned, info = finetune(
-                            subject,
-                            data,
-                            cfg,
-                            method=run["method"],
-                            strength=run["strength"],
-                            steps=steps,
-                            seed=seed,
-                            bases=bases,
-                        )
-                        items, gens = measure(tuned, subject, cfg, sample_seed=seed)
-                        extra = drift(base_geom(), geometry(tuned, subject)) if cfg.drift else {}
-                        seconds = time.perf_counter() - tick
-                        result = {"key": key, **run, "seed": seed, **info, "items": items, "generations": gens}
-                        result.update(extra, seconds=seconds)
-                        _write_json(path, result)
-                        if run["kind"] == "main" and run["budget"] == 1.0 and seed == cfg.seeds[0]:
-                            # The first seed's adapter, for `refusalguard eval/diagnose --adapter`.
-                            tuned.save_pretrained(os.path.join(cfg.output_dir, "adapters", subject.name, _slug(run)))
-                        del tuned
-                        counts["computed"] += 1
-                        timings["runs_computed"] += seconds
-                    results.append({"model": subject.name, **result})
-                    bar.update(1)
-            del subject, bases
+            results += _run_subject(subject, cfg, plan, bar, timings, counts)
+            del subject
         bar.set_description("writing the report")
         timings["total"] = time.perf_counter() - t_start
         report = build_report(results, cfg, subjects_info, timings=timings, counts=counts)
@@ -264,6 +209,89 @@ def run_demo(cfg: DemoConfig) -> dict:
     finally:
         bar.close()
         torch.set_num_threads(threads)
+
+
+class _BaseGeometry:
+    """The base model's geometry, measured on first use (only runs with drift measures need it)."""
+
+    def __init__(self, subject):
+        self.subject, self.value = subject, None
+
+    def __call__(self):
+        from .metrics import geometry
+
+        if self.value is None:
+            self.value = geometry(self.subject.model, self.subject)
+        return self.value
+
+
+def _run_subject(subject, cfg: DemoConfig, plan: list[dict], bar, timings: dict, counts: dict) -> list[dict]:
+    """The base row and every planned run x seed of one subject, from the cache or computed."""
+    from .methods import Bases, finetune
+    from .metrics import drift, geometry, measure
+
+    results = []
+    tick = time.perf_counter()
+    bases = Bases(subject, cfg)
+    base_geom = _BaseGeometry(subject)
+    cache_dir = os.path.join(cfg.output_dir, "runs", subject.name)
+    base_run = dict(scenario="none", method="base", strength=None, budget=1.0, kind="base")
+    key = run_key(subject.fingerprint, base_run, 0, cfg)
+    path = os.path.join(cache_dir, f"base_{key}.json")
+    result = _load_cached(path, key) if cfg.cache else None
+    if result is None:
+        items, gens = measure(subject.model, subject, cfg, sample_seed=0, samples=_samples(cfg, base_run))
+        extra = drift(base_geom(), base_geom()) if _drift_on(cfg, base_run) else {}
+        result = {"key": key, **base_run, "seed": 0, "items": items, "generations": gens, **extra}
+        _write_json(path, result)
+    results.append({"model": subject.name, **result})
+    timings["subjects"] += time.perf_counter() - tick
+    bar.update(1)
+
+    for run in plan:
+        for seed in cfg.seeds:
+            key = run_key(subject.fingerprint, run, seed, cfg)
+            path = os.path.join(cache_dir, f"{_slug(run)}_seed{seed}_{key}.json")
+            result = _load_cached(path, key) if cfg.cache else None
+            if result is not None:
+                counts["cached"] += 1
+            else:
+                bar.set_description(
+                    f"{subject.name} | {run['scenario']} | {run['method']}"
+                    + ("" if run["strength"] is None else f" {run['strength']:g}")
+                    + ("" if run["budget"] == 1.0 else f" x{run['budget']:g}")
+                    + f" | seed {seed}"
+                )
+                tick = time.perf_counter()
+                share = run["strength"] if run["method"] == "safety-mix" else 0.0
+                data = scenario_data(subject, run["scenario"], seed, cfg, safety_share=share)
+                steps = scenario_steps(cfg, run["scenario"], run["budget"])
+                tuned, info = finetune(
+                    subject,
+                    data,
+                    cfg,
+                    method=run["method"],
+                    strength=run["strength"],
+                    steps=steps,
+                    seed=seed,
+                    bases=bases,
+                )
+                items, gens = measure(tuned, subject, cfg, sample_seed=seed, samples=_samples(cfg, run))
+                extra = drift(base_geom(), geometry(tuned, subject)) if _drift_on(cfg, run) else {}
+                seconds = time.perf_counter() - tick
+                result = {"key": key, **run, "seed": seed, **info, "items": items, "generations": gens}
+                result.update(extra, seconds=seconds)
+                _write_json(path, result)
+                if run["kind"] == "main" and run["budget"] == 1.0 and seed == cfg.seeds[0]:
+                    # The first seed's adapter, for `refusalguard eval/diagnose --adapter`.
+                    tuned.save_pretrained(os.path.join(cfg.output_dir, "adapters", subject.name, _slug(run)))
+                del tuned
+                counts["computed"] += 1
+                timings["runs_computed"] += seconds
+            # the plan decides main / sweep / budget (a cached run may have been planned otherwise)
+            results.append({"model": subject.name, **result, "kind": run["kind"]})
+            bar.update(1)
+    return results
 
 
 def _subjects_with_progress(cfg, bar, timings):
