@@ -92,6 +92,7 @@ class DemoConfig:
     budgets: list[float] = field(default_factory=lambda: [1.0])
     budget_scenarios: list[str] = field(default_factory=lambda: ["harmful"])
     budget_methods: list[str] = field(default_factory=lambda: ["plain LoRA", "refusalguard", "random-subspace", "kl"])
+    budget_organisms: list[int] = field(default_factory=lambda: [0])  # organisms that run the budget sweep
     # the guards (RefusalGuard, ProCon, random subspace)
     k: int = 3
     gram_ratio: float = 0.03  # gram_coef = gram_ratio * drift_coef (spread units)
@@ -181,6 +182,8 @@ class DemoConfig:
         for name in ("samples", "generations_per_run"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        if self.organism is not None and len(self.organism_seeds) != 1:
+            raise ValueError("organism (a saved organism folder) is one organism: give one organism seed, or none")
         if self.basis_positions not in ("last", "post-instruction"):
             raise ValueError(f"basis_positions must be 'last' or 'post-instruction'; got {self.basis_positions!r}")
 
@@ -203,8 +206,8 @@ def preset_config(preset: str = "default", **overrides) -> DemoConfig:
     * ``default``: organism 0, harmful + poisoned-30 + benign, every method at its main
       strength, seeds 0, 1, 2 (about 5 minutes on 2 cores);
     * ``full``: organisms 0, 1, 2, every scenario and method, seeds 0-4, the strength sweep
-      (frontier) on poisoned-30, the attack-budget sweep (1x, 3x, 10x) on harmful, sampled
-      decoding (5 samples at temperature 0.7) beside greedy.
+      (frontier) on poisoned-30, the attack-budget sweep (1x, 3x, 10x) on harmful (organism 0),
+      sampled decoding (5 samples per harmful prompt at temperature 0.7) beside greedy on harmful.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {list(PRESETS)}")

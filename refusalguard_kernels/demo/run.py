@@ -44,9 +44,9 @@ __all__ = [
 RESULT_VERSION = 1
 
 
-def plan_runs(cfg: DemoConfig) -> list[dict]:
+def plan_runs(cfg: DemoConfig, *, budgets: bool = True) -> list[dict]:
     """The runs of one subject, in order: dicts with scenario, method, strength, budget and kind
-    ("main", "sweep" or "budget")."""
+    ("main", "sweep" or "budget"); ``budgets=False`` leaves out the attack-budget sweep."""
     plan: list[dict] = []
     seen = set()
 
@@ -68,7 +68,7 @@ def plan_runs(cfg: DemoConfig) -> list[dict]:
                 for strength in cfg.sweep_strengths.get(method, []):
                     add(scenario, method, float(strength), 1.0, "sweep")
     for scenario in cfg.budget_scenarios:
-        if all(b == 1.0 for b in cfg.budgets):
+        if not budgets or all(b == 1.0 for b in cfg.budgets):
             break
         for budget in sorted(cfg.budgets):
             for method in [m for m in cfg.budget_methods if m in cfg.methods]:
@@ -184,10 +184,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
     os.makedirs(cfg.output_dir, exist_ok=True)
-    plan = plan_runs(cfg)
-    n_subjects = 1 if cfg.model == "smollm2" else len(cfg.organism_seeds)
+    plans = {
+        seed: plan_runs(cfg, budgets=cfg.model == "smollm2" or seed in cfg.budget_organisms)
+        for seed in ([0] if cfg.model == "smollm2" else cfg.organism_seeds)
+    }
     bar = tqdm(
-        total=n_subjects * (1 + len(plan) * len(cfg.seeds)),
+        total=sum(1 + len(plan) * len(cfg.seeds) for plan in plans.values()),
         desc="refusalguard demo",
         unit="run",
         disable=not cfg.show_progress,
@@ -197,9 +199,9 @@ def run_demo(cfg: DemoConfig) -> dict:
     timings = {"subjects": 0.0, "runs_computed": 0.0}
     counts = {"computed": 0, "cached": 0}
     try:
-        for subject in _subjects_with_progress(cfg, bar, timings):
+        for seed, subject in zip(plans, _subjects_with_progress(cfg, bar, timings)):
             subjects_info[subject.name] = subject.info
-            results += _run_subject(subject, cfg, plan, bar, timings, counts)
+            results += _run_subject(subject, cfg, plans[seed], bar, timings, counts)
             del subject
         bar.set_description("writing the report")
         timings["total"] = time.perf_counter() - t_start
