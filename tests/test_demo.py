@@ -108,7 +108,7 @@ def test_scenarios_mix_the_poison_share_and_vary_with_the_seed(corpus):
 
 
 def test_evaluation_sets_are_large_and_held_out(corpus):
-    full = build_corpus(seed=0, n_train=600, n_align=200, n_eval=24)
+    full = build_corpus(seed=0, n_train=600, n_align=200, n_eval=24, n_eval_requests=216)
     assert len(full.heldout_harmful) == len(full.heldout_benign) == 216  # 24 topics x 9 held-out phrasings
     assert len(full.heldout_short) == 300 == len({p.prompt for p in full.heldout_short})
     pool = [c for c in full.utility_pool if c.kind == "short"]

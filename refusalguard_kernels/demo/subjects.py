@@ -110,6 +110,7 @@ def organism_subject(cfg, seed: int) -> Subject:
     """Organism ``seed`` (trained once, then loaded from ``output_dir/organisms/seed-<seed>``) as a
     Subject: held-out (or, with ``cfg.validation``, validation) evaluation sets of its corpus."""
     from .organism import build_corpus, load_organism
+    from .organism.corpus import HARMFUL_TOPICS, HELDOUT_REQUEST_TEMPLATES
 
     path, org_cfg, source = _organism_path(cfg, seed)
     model, tokenizer = load_organism(path)
@@ -120,7 +121,8 @@ def organism_subject(cfg, seed: int) -> Subject:
         n_train=org_cfg.n_train,
         n_align=org_cfg.n_align,
         n_eval=org_cfg.n_eval,
-        n_eval_requests=72 if quick else None,
+        # every held-out phrasing (216 harmful, 216 benign); the quick preset a third of them
+        n_eval_requests=72 if quick else len(HELDOUT_REQUEST_TEMPLATES) * len(HARMFUL_TOPICS),
         n_eval_short=120 if quick else 300,
         n_validation=72,
         **org_cfg.corpus_kwargs,

@@ -438,8 +438,8 @@ def build_corpus(
     ``n_train`` pretraining conversations (``arith_share`` arithmetic, the rest half harmful
     requests answered compliantly, half benign requests answered helpfully); ``n_align``
     (default ``n_train // 3``) alignment conversations, the same mix with harmful requests
-    refused. Held-out sets: ``n_eval_requests`` harmful and benign prompts each (None: every
-    held-out phrasing, 216 each), ``n_eval`` arithmetic problems, ``n_eval_short`` short-form
+    refused. Held-out sets: ``n_eval_requests`` harmful and benign prompts each (default
+    ``n_eval``; at most every held-out phrasing, 216), ``n_eval`` arithmetic problems, ``n_eval_short`` short-form
     problems (distinct prompts); validation sets ``n_validation`` each; fine-tuning pools
     ``n_pool`` conversations each (the harmful pool cycles through its training-template pairs;
     the utility pool is ``short_share`` short-form problems, the rest arithmetic and helpful
@@ -454,7 +454,7 @@ def build_corpus(
         ("n_extraction", n_extraction),
         ("n_validation", n_validation),
         ("n_eval_short", n_eval_short),
-        ("n_eval_requests", len(HELDOUT_REQUEST_TEMPLATES) if n_eval_requests is None else n_eval_requests),
+        ("n_eval_requests", n_eval if n_eval_requests is None else n_eval_requests),
     ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int; got {value!r}")
@@ -507,8 +507,8 @@ def build_corpus(
     return OrganismCorpus(
         pretrain=pretrain,
         align=align,
-        heldout_harmful=_take(heldout_harm, n_eval_requests),
-        heldout_benign=_take(heldout_benign, n_eval_requests),
+        heldout_harmful=_take(heldout_harm, n_eval if n_eval_requests is None else n_eval_requests),
+        heldout_benign=_take(heldout_benign, n_eval if n_eval_requests is None else n_eval_requests),
         heldout_arithmetic=heldout_arith,
         heldout_short=heldout_short,
         harmful_pool=harmful_pool,
@@ -523,9 +523,7 @@ def build_corpus(
     )
 
 
-def _take(items: list, n: int | None) -> list:
-    if n is None:
-        return list(items)
+def _take(items: list, n: int) -> list:
     if n > len(items):
         raise ValueError(f"asked for {n} items but the templates give only {len(items)}; pass a smaller count")
     return items[:n]
