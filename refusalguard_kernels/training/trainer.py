@@ -136,9 +136,9 @@ class RefusalGuardMixin:
         warmup_schedule: "linear" or "cosine" (see ``warmup_scale``).
         anchor_column: column prefix of the cached anchors.
         save_basis: write the basis beside the model/adapter in ``save_model`` and checkpoints.
-        penalty_forward: "auto" (default): "separate" when dropout is active at or below the last
-            guarded layer (``guard.dropout_active``: dropout modules, attention dropout, LoRA
-            dropout), else "shared".  "shared": the penalty comes from the training forward.
+        penalty_forward: "auto" (default): "separate" when the frozen model's own dropout is active
+            at or below the last guarded layer (``guard.dropout_active``: dropout modules, attention
+            dropout; LoRA dropout alone does not count), else "shared".  "shared": the penalty comes from the training forward.
             "separate": from its own eval-mode forward (``guard.penalty_forward``: no dropout
             noise in the drift term, exactly 0 at step 0; one partial forward and backward more),
             and the task loss from the usual train-mode forward.
@@ -392,6 +392,7 @@ class RefusalGuardMixin:
         self._guard_scale_now = scale
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        self.guard.check_pending()  # deferred value checks: raised here, where the log reads values back anyway
         steps = round(self._guard_steps)
         if "loss" in logs and self._guard_sums is not None and steps > 0:
             layers = sorted(self._guard_layer_sums)
