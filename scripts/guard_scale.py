@@ -263,12 +263,49 @@ def timing_table(path, tokenizer, batches, steps=5) -> list[str]:
     return rows
 
 
+def penalty_forward_table(model, basis, batches, targets, steps=5) -> list[str]:
+    """Seconds per guarded LoRA step with the penalty from the training forward ("shared") and from its own
+    eval-mode forward ("separate", what the trainer does when the frozen model's dropout is active)."""
+    from refusalguard_kernels.integration.hooks import RefusalGuard
+
+    rows = ["| penalty forward | seconds per step (median) | all steps |", "|---|---|---|"]
+    for mode in ("shared", "separate"):
+        peft = _lora(model, targets)
+        params = [p for p in peft.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        guard = RefusalGuard(peft, basis, positions="all", backend="torch")
+        peft.train()
+        times = []
+        for step in range(steps + 1):
+            batch = batches[step % 2]
+            start = time.perf_counter()
+            guard.arm(guard.anchors(**_inputs(batch)), guard.weights(**batch))
+            if mode == "separate":
+                penalty = guard.penalty_forward(**_inputs(batch))
+                guard.disarm()
+                loss = peft(**_inputs(batch)).loss
+            else:
+                loss = peft(**_inputs(batch)).loss
+                penalty = guard.penalty()
+            (loss + penalty).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            guard.disarm()
+            if step:
+                times.append(time.perf_counter() - start)
+        guard.remove()
+        rows.append(f"| {mode} | {statistics.median(times):.3f} | {', '.join(f'{t:.3f}' for t in times)} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=("smollm2", "organism"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--coefs", default="0.1,1,10")
-    parser.add_argument("--only", choices=("sinks", "ratios", "coefs", "timing"), default=None)
+    parser.add_argument(
+        "--only", choices=("sinks", "ratios", "coefs", "timing", "penalty-forward"), default=None, help="one table"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -289,6 +326,8 @@ def main() -> None:
     if args.only in (None, "coefs"):
         coefs = [float(c) for c in args.coefs.split(",")]
         print("\n".join(coef_table(model, basis, batches, lr, targets, coefs)) + "\n", flush=True)
+    if args.only == "penalty-forward":
+        print("\n".join(penalty_forward_table(model, basis, batches, targets)) + "\n", flush=True)
     if args.only == "timing" and args.model == "smollm2":
         from refusalguard_kernels.integration.model_zoo import fetch_model
 

@@ -177,6 +177,7 @@ def test_attention_sink_is_excluded_and_the_penalty_gradient_stays_in_scale(mode
     peft = lora(model)
     nudge_adapter_(peft, scale=2e-2)
     params = [p for p in peft.parameters() if p.requires_grad]
+    task = grad_norm(peft(**model_inputs(batch)).loss, params)
     ratios = {}
     for positions in ("all", "prompt", "f5+l5", "response"):
         guard = RefusalGuard(peft, basis, positions=positions, backend="torch")
@@ -185,8 +186,7 @@ def test_attention_sink_is_excluded_and_the_penalty_gradient_stays_in_scale(mode
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no outlier left among the guarded tokens
             guard.arm(guard.anchors(**model_inputs(batch)), weight)
-        out = peft(**model_inputs(batch))
-        ratios[positions] = grad_norm(guard.penalty(), params) / grad_norm(out.loss, params)
+        ratios[positions] = grad_norm(guard.penalty_forward(**model_inputs(batch)), params) / task
         guard.remove()
     # 0.2 (first token guarded, raw units): 'all' 16x and 'f5+l5' 91x the 'response' ratio, up to 1,355x the task's
     assert all(r < 10 for r in ratios.values()), ratios
@@ -213,7 +213,7 @@ def test_coefficient_does_not_depend_on_the_activation_scale(smollm2_path, token
     from refusalguard_kernels.integration.hooks import RefusalGuard
     from refusalguard_kernels.integration.prompts import builtin_prompts
 
-    harmful, harmless = builtin_prompts("harmful")[:16], builtin_prompts("harmless")[:16]
+    harmful, harmless = builtin_prompts("harmful")[:8], builtin_prompts("harmless")[:8]
     batch = batch_of(tokenizer)
     penalties = []
     for scale in (1.0, 10.0):
@@ -347,8 +347,11 @@ def test_cached_anchors_refuse_what_cannot_be_verified(smollm2_path, tokenizer, 
         check_cached_anchors,
         model_fingerprint,
     )
+    from refusalguard_kernels.integration.basis import RefusalBasis
     from refusalguard_kernels.integration.hooks import RefusalGuard
 
+    # a one-layer basis low in the model: the fingerprint covers the weights up to layer 4 (fast to hash)
+    basis = RefusalBasis({4: basis[12]}, {"coord_spread": {4: basis.coord_spread(12)}})
     eager = lora(load(smollm2_path, attn_implementation="eager"))
     guard = RefusalGuard(eager, basis)
     data = add_cached_anchors(tokenized_pairs(tokenizer).select(range(2)), eager, guard, show_progress=False)
@@ -415,9 +418,9 @@ def test_eval_command_defaults_to_held_out_prompts(smollm2_path, tmp_path, capsy
             "eval",
             str(smollm2_path),
             "--limit",
-            "2",
+            "1",
             "--max-new-tokens",
-            "4",
+            "3",
             "--threads",
             "2",
             "--quiet",
@@ -430,7 +433,7 @@ def test_eval_command_defaults_to_held_out_prompts(smollm2_path, tmp_path, capsy
     assert (result["harmful_source"], result["benign_source"]) == ("builtin:harmful_eval", "builtin:harmless_eval")
     from refusalguard_kernels.integration.prompts import builtin_prompts
 
-    assert [s["prompt"] for s in result["samples"]["harmful"]] == builtin_prompts("harmful_eval")[:2]
+    assert [s["prompt"] for s in result["samples"]["harmful"]] == builtin_prompts("harmful_eval")[:1]
     assert "Loading weights" not in capsys.readouterr().err  # --quiet silences the weight-loading bar too
 
 
@@ -440,7 +443,7 @@ def test_eval_command_defaults_to_held_out_prompts(smollm2_path, tmp_path, capsy
 def test_extract_and_diagnose_report_the_same_separation(smollm2_path, tmp_path, capsys):
     from refusalguard_kernels.cli import main
 
-    common = ["--layers", "16", "--limit", "8", "--quiet"]
+    common = ["--layers", "16", "--limit", "4", "--quiet"]
     assert main(["extract", str(smollm2_path), "-o", str(tmp_path / "b.safetensors"), *common]) == 0
     extracted = float(re.search(r"^\s+16\s+\S+\s+(\S+)$", capsys.readouterr().out, re.M).group(1))
     assert main(["diagnose", str(smollm2_path), "--tuned", str(smollm2_path), "-o", str(tmp_path / "d"), *common]) == 0
@@ -468,4 +471,4 @@ def test_bf16_on_cpu_is_documented_where_users_meet_it(smollm2_path, tokenizer, 
     # the note comes before anything is loaded: a missing dataset ends the run right after it
     code = main(["train", str(smollm2_path), "--dataset", str(tmp_path / "none.jsonl"), "--no-guard", "--bf16"])
     assert code == 2
-    assert "this CPU has no native bf16 instructions" in capsys.readouterr().err
+    assert "--bf16 on this CPU, which has no native bf16 instructions" in capsys.readouterr().err
