@@ -215,7 +215,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=1,
         metavar="N",
         help="never guard the first N tokens of an example: in pre-norm LLMs the first token is an attention "
-        "sink with massive activations (SmolLM2-135M: ~100x the median hidden norm) that would dominate the "
+        "sink with massive activations (SmolLM2-135M: 130-170x the median hidden norm) that would dominate the "
         "penalty",
     )
     guard.add_argument(
@@ -230,7 +230,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--drift-coef",
         type=nonnegative_float("--drift-coef"),
         default=1.0,
-        help="weight of the drift term (mean squared change of the refusal coordinates, see --coef-units)",
+        help="weight of the drift term (mean squared change of the refusal coordinates, see --coef-units); "
+        "measured in docs/guard_scale.md: 1 holds an attack's movement to a few percent and leaves a benign "
+        "fine-tune alone, 10 holds the cone hard (and blocks task learning that goes through it), 0.1 does little",
     )
     guard.add_argument(
         "--gram-coef",

@@ -39,7 +39,7 @@ How it behaves:
   the number of layers, making ``drift_coef``/``gram_coef`` independent of it.
 * Attention sinks: ``exclude_first=1`` (default) never guards the first non-padding token of
   a row under the named ``positions``.  In pre-norm LLMs that token carries massive
-  activations (SmolLM2-135M, layer 16: hidden norm 25,040 against a median of 184, cone
+  activations (SmolLM2-135M, layer 16: hidden norm 25,040 against a median of 187, cone
   coordinate 688 against 4.6) and would otherwise make up most of the penalty's gradient.
   The first ``arm`` warns when a guarded token's frozen coordinates are still over
   ``OUTLIER_RATIO`` times the median (another sink).
