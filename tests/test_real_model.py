@@ -239,22 +239,20 @@ def test_coefficient_does_not_depend_on_the_activation_scale(smollm2_path, token
 # ---------------------------------------------------------------------- findings 4 and 5: positions that cannot be honoured
 
 
-def test_trl_response_positions_without_a_response_mask_are_an_error(model, tokenizer, tmp_path):
+def test_trl_response_positions_without_a_response_mask_are_an_error(model, tokenizer, basis, tmp_path):
     """SmolLM2's template has no {% generation %} markers, so TRL's assistant_only_loss is unavailable; without it
     0.2 silently guarded every token (the system prompt included) under positions='response'."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     from refusalguard_kernels import RefusalGuardMixin
-    from refusalguard_kernels.integration.basis import RefusalBasis
     from refusalguard_kernels.integration.hooks import RefusalGuard
 
     class GuardedSFT(RefusalGuardMixin, SFTTrainer):
         pass
 
     peft = lora(model)
-    basis = RefusalBasis({12: torch.linalg.qr(torch.randn(576, 1, generator=torch.Generator().manual_seed(0)))[0]})
-    guard = RefusalGuard(peft, basis, positions="response", coef_units="raw")
+    guard = RefusalGuard(peft, basis, positions="response")
     args = SFTConfig(
         output_dir=str(tmp_path),
         max_steps=1,
@@ -320,7 +318,6 @@ def test_dropout_noise_stays_out_of_the_penalty(smollm2_path, tokenizer, basis, 
         train_dataset=tokenized_pairs(tokenizer),
         processing_class=tokenizer,
     )
-    assert guard.dropout_active(peft.train())
     trainer.train()
     penalties = [log["guard_penalty"] for log in trainer.state.log_history if "guard_penalty" in log]
     assert penalties == [0.0]
@@ -351,7 +348,7 @@ def test_cached_anchors_refuse_what_cannot_be_verified(smollm2_path, tokenizer, 
     from refusalguard_kernels.integration.hooks import RefusalGuard
 
     # a one-layer basis low in the model: the fingerprint covers the weights up to layer 4 (fast to hash)
-    basis = RefusalBasis({4: basis[12]}, {"coord_spread": {4: basis.coord_spread(12)}})
+    basis = RefusalBasis({4: basis[12]}, {"coord_spread": {4: 5.0}})
     eager = lora(load(smollm2_path, attn_implementation="eager"))
     guard = RefusalGuard(eager, basis)
     data = add_cached_anchors(tokenized_pairs(tokenizer).select(range(2)), eager, guard, show_progress=False)
@@ -421,8 +418,6 @@ def test_eval_command_defaults_to_held_out_prompts(smollm2_path, tmp_path, capsy
             "1",
             "--max-new-tokens",
             "3",
-            "--threads",
-            "2",
             "--quiet",
             "-o",
             str(out),
