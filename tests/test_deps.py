@@ -68,6 +68,12 @@ def test_constraints_round_trip_and_local_versions(tmp_path):
         deps.read_constraints(tmp_path / "bad.txt")
 
 
+def test_deps_script_names_known_conflicts():
+    assert deps.known_conflicts({"transformers": "5.23.0", "peft": "0.21.2"}) == []
+    (message,) = deps.known_conflicts({"transformers": "5.24.0", "peft": "0.21.2"})
+    assert "transformers 5.24.0" in message
+
+
 @pytest.mark.parametrize(
     ("transformers", "peft", "hit"),
     [("5.24.0", "0.21.2", True), ("5.23.0", "0.21.2", False), ("5.24.0", "0.22.0", False), ("5.24.1", None, False)],

@@ -382,9 +382,33 @@ def test_triton_backend_through_the_hook():
 # ---------------------------------------------------------------------------- training-engine properties
 
 
+def _layer_hooks_run_without_autograd(reentrant: bool) -> bool:
+    """Whether this transformers' checkpointing runs a decoder layer's forward hooks without autograd (inside a
+    reentrant checkpoint: transformers 5.0 does; 5.23 runs them outside, where autograd is on)."""
+    model = tiny_model("llama", seed=5)
+    _enable_checkpointing(model, reentrant=reentrant)
+    model.train()
+    seen = []
+    handle = model.model.layers[0].register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    model(**random_batch()).loss.backward()
+    handle.remove()
+    return not seen[0]
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_same_gradients_counted_once(reentrant):
     batch = random_batch(pad_rows={3: 4})
+    if _layer_hooks_run_without_autograd(reentrant):
+        # The penalty would get no gradient there: refused with the fix, never silently zero.
+        model = tiny_model("llama", seed=5)
+        guard = RefusalGuard(model, random_basis(model, [0, 1, 2], k=2), gram_coef=0.5, backend="torch")
+        anchors = guard.anchors(**batch)
+        _enable_checkpointing(model, reentrant=reentrant)
+        model.train()
+        with pytest.raises(RuntimeError, match="use_reentrant': False"):
+            _step(model, guard, batch, anchors)
+        assert reentrant, "non-reentrant checkpointing must keep autograd on in the hooks"
+        return
     results = []
     for checkpointing in (False, True):
         model = tiny_model("llama", seed=5)
