@@ -591,7 +591,7 @@ def test_transformers_integrated_adapter():
     """model.add_adapter(...) (PEFT through transformers): anchors come from the adapter-free model."""
     from peft import LoraConfig
 
-    from refusalguard_kernels.integration.versions import VersionConflictError, require
+    from refusalguard_kernels.versions import VersionConflictError, require
 
     try:  # the tested set (constraints.txt) has no conflict; a newest-releases run may (scripts/deps.py)
         require("integrated-adapters")
