@@ -285,7 +285,8 @@ def compile_and_measure(kernel_name: str, args: tuple, kwargs: dict, cap: int) -
             ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", cap, 32), options=options.__dict__
         )
     except Exception as exc:  # any compile failure is a result, reported per launch
-        return {"compiled": False, "error": f"{type(exc).__name__}: {str(exc)[:400]}"}
+        text = str(exc).strip()  # Triton puts the source excerpt first and the reason last
+        return {"compiled": False, "error": f"{type(exc).__name__}: {text[-300:]}"}
     with tempfile.TemporaryDirectory(prefix="rg-kres-") as tmp:
         cubin, ptx = Path(tmp, "k.cubin"), Path(tmp, "k.ptx")
         cubin.write_bytes(compiled.asm["cubin"])

@@ -25,7 +25,8 @@ Precision of the dots (tl.dot accumulates in fp32 in every case):
 * The k x k products (Gram partials, Z (G - G_A)) are ieee fp32.  The Gram partial reduces
   over the tile's rows as GRAM_CHUNKS batched dots of BLOCK_N / GRAM_CHUNKS rows, summed: a
   single fp32 dot over all BLOCK_N rows holds whole operand rows per thread and spilled
-  (scripts/kernel_resources.py); the batched one spreads the chunks over the warps.
+  (scripts/kernel_resources.py); the batched one spreads the chunks over the warps.  The
+  chunk count is part of the tile config (TileConfig.gram_chunks).
 
 Register budget (static, from ``scripts/kernel_resources.py``; benchmarks/NOTES.md has the
 table): k is a constexpr, so every row stride of B, Z and A and the k mask are known at
@@ -66,6 +67,7 @@ class TileConfig(NamedTuple):
     num_warps: int
     num_stages: int  # software-pipelining depth of the loop over d
     programs_per_sm: int  # persistent grid: programs per SM
+    gram_chunks: int = 4  # forward only: row chunks of the Gram partial's batched dot (see the module docstring)
 
     def block_d(self, dtype: torch.dtype) -> int:
         return self.block_d_fp32 if dtype == torch.float32 else self.block_d_half
@@ -74,11 +76,12 @@ class TileConfig(NamedTuple):
 # Chosen by benchmarks/tune_triton.py on an H100 (bf16, N=16384, d=4096, k=8); see benchmarks/NOTES.md.
 # project() and the loss forward share fwd_config(k), which is what makes their Z bitwise equal.
 FWD_CONFIG = TileConfig(block_n=128, block_d_half=128, block_d_fp32=64, num_warps=4, num_stages=3, programs_per_sm=1)
-# Padded k >= WIDE_K: the same tiles over 8 warps (two warpgroups), so the accumulators fit without spilling.
-FWD_WIDE_CONFIG = FWD_CONFIG._replace(num_warps=8)
+# Padded k >= WIDE_K: the same tiles over 8 warps (two warpgroups), so the accumulators fit without
+# spilling; there two Gram chunks of 64 rows spill nowhere, four or eight do (the k x k outputs of the
+# batched dot grow with the chunk count).  Measured with scripts/kernel_resources.py (sm_90, sm_80).
+FWD_WIDE_CONFIG = FWD_CONFIG._replace(num_warps=8, gram_chunks=2)
 WIDE_K = 32
 BWD_CONFIG = TileConfig(block_n=32, block_d_half=128, block_d_fp32=128, num_warps=8, num_stages=3, programs_per_sm=4)
-GRAM_CHUNKS = 4  # row chunks of the forward's Gram partial (BLOCK_N / 4 = 32 rows each)
 FINALIZE_TILE = 16384  # elements of the partials the finalize program loads at once
 FINALIZE_WARPS = 8
 
@@ -185,9 +188,9 @@ def _penalty_fwd_kernel(
             drift_acc += w * tl.sum(diff * diff, axis=1)
             if GRAM:
                 # X += (E w)^T P, as GRAM_CHUNKS batched dots over row chunks (see the module docstring).
-                chunk = [GRAM_CHUNKS, BLOCK_N // GRAM_CHUNKS, BLOCK_K]
-                ew = tl.permute(tl.reshape(diff * w[:, None], chunk), (0, 2, 1))
-                gram_acc += tl.sum(tl.dot(ew, tl.reshape(z + a, chunk), input_precision="ieee"), axis=0)
+                ew = tl.reshape(diff * w[:, None], (GRAM_CHUNKS, BLOCK_N // GRAM_CHUNKS, BLOCK_K))
+                p = tl.reshape(z + a, (GRAM_CHUNKS, BLOCK_N // GRAM_CHUNKS, BLOCK_K))
+                gram_acc += tl.sum(tl.dot(tl.permute(ew, (0, 2, 1)), p, input_precision="ieee"), axis=0)
     if COMPUTE_LOSS:
         part = PART + pid.to(tl.int64) * part_width
         tl.store(part, tl.sum(w_acc, axis=0))
@@ -397,7 +400,7 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
         COMPUTE_LOSS=compute_loss,
         HAS_WEIGHT=weight is not None,
         GRAM=gram,
-        GRAM_CHUNKS=GRAM_CHUNKS,
+        GRAM_CHUNKS=cfg.gram_chunks,
         **_tile_meta(cfg, N, d, k, block_d),
     )
     if not compute_loss:
