@@ -68,9 +68,7 @@ def _trainer(tmp_path, anchors: str, counter: ReadBackCounter) -> RefusalGuardTr
     tokenizer = tiny_tokenizer()
     model = tiny_model("llama", tokenizer, seed=0)
     torch.manual_seed(0)
-    model = get_peft_model(
-        model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-    )
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
     gen = torch.Generator().manual_seed(3)
     basis = RefusalBasis({layer: orthonormalize_basis(torch.randn(32, 2, generator=gen)) for layer in LAYERS})
     guard = RefusalGuard(model, basis, positions="all", backend="torch")

@@ -356,6 +356,13 @@ def _tile_meta(cfg: TileConfig, N: int, d: int, k: int, block_d: int) -> dict:
     )
 
 
+def _interpreter_truncates(dtype: torch.dtype) -> bool:
+    """The interpreter casts fp32 -> bf16 by truncation where the GPU rounds to nearest even:
+    there the backward writes fp32 and lets torch round, so CI checks the GPU's arithmetic
+    (tests/test_triton_penalty.py: test_bf16_gradients_round_to_nearest)."""
+    return interpreting() and dtype == torch.bfloat16
+
+
 def _device_context(device: torch.device):
     """Make the tensors' device current while launching: Triton launches on the current
     device (and its current stream), which with a model split over GPUs need not be the
@@ -443,9 +450,7 @@ def _backward(
     d = hidden_shape[-1]
     device = coords.device
     out = new_output(hidden_shape, hidden_dtype, device)
-    # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even:
-    # there, write fp32 and let torch round, so CI checks the GPU's arithmetic.
-    emulate_rounding = interpreting() and hidden_dtype == torch.bfloat16
+    emulate_rounding = _interpreter_truncates(hidden_dtype)
     kernel_out = new_output(hidden_shape, torch.float32, device) if emulate_rounding else out
     if grad_in is not None:
         lay = row_layout(grad_in)
