@@ -131,15 +131,15 @@ class Launch:
     kwargs: dict
 
 
-def op_variants() -> list[tuple[str, str, bool, bool]]:
-    """(name, op, gram, weighted): every way the public API reaches the kernels."""
+def op_variants(names: Iterable[str] | None = None) -> list[tuple[str, str, bool, bool]]:
+    """(name, op, gram, weighted): every way the public API reaches the kernels (or those named)."""
     out = [("project", "project", False, False)]
     for op in ("loss", "guard"):
         for gram in (False, True):
             for weighted in (False, True):
                 name = op + ("+gram" if gram else "") + ("+weight" if weighted else "")
                 out.append((name, op, gram, weighted))
-    return out
+    return out if names is None else [v for v in out if v[0] in names]
 
 
 class _Recorder:
@@ -185,8 +185,14 @@ def role(kernel_name: str) -> str:
     return kernel_name.removeprefix("_penalty_").removeprefix("_").removesuffix("_kernel")
 
 
-def record(shapes: Iterable[tuple[int, int]], dtypes: Iterable[str], ks: Iterable[int], sm_count: int) -> list[Launch]:
-    """Every launch the public ops make on these shapes, in a fixed order."""
+def record(
+    shapes: Iterable[tuple[int, int]],
+    dtypes: Iterable[str],
+    ks: Iterable[int],
+    sm_count: int,
+    ops: Iterable[str] | None = None,
+) -> list[Launch]:
+    """Every launch the public ops (all, or the ``ops`` named) make on these shapes, in a fixed order."""
     import torch
 
     import refusalguard_kernels as rg
@@ -201,7 +207,7 @@ def record(shapes: Iterable[tuple[int, int]], dtypes: Iterable[str], ks: Iterabl
                 basis = torch.empty(d, k, dtype=torch.float32, **meta)
                 anchors = torch.empty(N, k, dtype=torch.float32, **meta)
                 weight = torch.empty(N, dtype=torch.float32, **meta)
-                for name, op, gram, weighted in op_variants():
+                for name, op, gram, weighted in op_variants(ops):
                     sink: list = []
                     w = weight if weighted else None
                     gram_coef = 0.5 if gram else 0.0
@@ -273,16 +279,24 @@ def _tool(name: str, cap: int) -> str:
 def compile_and_measure(kernel_name: str, args: tuple, kwargs: dict, cap: int) -> dict:
     """Compile one launch for sm_<cap> and read its resources; {"compiled": False, "error": ...}
     when Triton or ptxas rejects it."""
+    _, signature, constexprs, attrs, options = _specialise(kernel_name, args, kwargs, cap)
+    return _compile_specialised(kernel_name, signature, constexprs, attrs, options.__dict__, cap)
+
+
+def _compile_specialised(kernel_name: str, signature: dict, constexprs: dict, attrs: dict, options: dict, cap: int):
+    """The compile itself, from plain (picklable) values: what the worker processes run."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import sm_arch_from_capability
     from triton.compiler import ASTSource
 
+    from refusalguard_kernels.ops import triton_penalty as tp
+
     t0 = time.perf_counter()
     try:
-        kernel, signature, constexprs, attrs, options = _specialise(kernel_name, args, kwargs, cap)
+        kernel = getattr(tp, kernel_name)
         compiled = triton.compile(
-            ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", cap, 32), options=options.__dict__
+            ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", cap, 32), options=options
         )
     except Exception as exc:  # any compile failure is a result, reported per launch
         text = str(exc).strip()  # Triton puts the source excerpt first and the reason last
@@ -295,7 +309,7 @@ def compile_and_measure(kernel_name: str, args: tuple, kwargs: dict, cap: int) -
             [_tool("cuobjdump", cap), "--dump-resource-usage", str(cubin)], capture_output=True, text=True, check=True
         ).stdout
         # Triton's own ptxas command line (backends/nvidia/compiler.py: make_cubin), with -v read back.
-        fmad = [] if options.enable_fp_fusion else ["--fmad=false"]
+        fmad = [] if options["enable_fp_fusion"] else ["--fmad=false"]
         cmd = [_tool("ptxas", cap), "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2"]
         cmd += [f"--gpu-name={sm_arch_from_capability(cap)}", str(ptx), "-o", str(Path(tmp, "k.o"))]
         ptxas = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -311,24 +325,34 @@ def compile_and_measure(kernel_name: str, args: tuple, kwargs: dict, cap: int) -
 
 
 def _worker(job):
-    kernel_name, args, kwargs, cap = job
-    return compile_and_measure(kernel_name, args, kwargs, cap)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return _compile_specialised(*job)
 
 
 # ------------------------------------------------------------------------------------ sweeps
 
 
-def sweep_spec(name: str) -> dict:
-    """full: every dtype and k on the grid's shapes and the ragged one; ci: every kernel and op,
-    the shapes and dtypes the issue-19 targets name, at the target shape (see the test)."""
+# What CI compiles (tests/test_kernel_resources.py; ~3 minutes on two loaded cores): every kernel and every
+# code path of it (project, loss with and without Gram, guard's fused grad_in, weights), sm_90, at the target
+# shape, for the dtypes and k the issue-19 targets name.  The weights flag only adds a load, so CI takes the
+# weighted form of each op; the full sweep has both.
+CI_OPS = ("project", "loss+weight", "loss+gram+weight", "guard", "guard+gram+weight")
+CI_CASES = (("bfloat16", 8), ("bfloat16", 16), ("bfloat16", 64), ("float16", 8), ("float32", 8), ("float32", 64))
+
+
+def sweep_spec(name: str) -> list[dict]:
+    """full: every op, dtype and k on the grid's shapes and the ragged one, sm_90 and sm_80; ci: see CI_OPS."""
     if name == "full":
-        return {"shapes": GRID_SHAPES + (RAGGED,), "dtypes": DTYPES, "ks": KS, "archs": (90, 80)}
+        return [{"shapes": GRID_SHAPES + (RAGGED,), "dtypes": DTYPES, "ks": KS, "archs": (90, 80), "ops": None}]
     if name == "ci":
-        return {"shapes": (TARGET,), "dtypes": DTYPES, "ks": (8, 16, 64), "archs": (90,)}
+        return [
+            {"shapes": (TARGET,), "dtypes": (dtype,), "ks": (k,), "archs": (90,), "ops": CI_OPS}
+            for dtype, k in CI_CASES
+        ]
     raise SystemExit(f"unknown set {name!r}; use full or ci")
 
 
-def run(spec: dict, jobs: int = 1, progress: bool = True) -> dict:
+def run(specs: list[dict], jobs: int = 1, progress: bool = True) -> dict:
     """Record, dedupe by compile key, compile, and return {"rows": {arch: {label: row}}, ...}."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the default on 3.6 and 3.9; silences 3.9's warning
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -338,16 +362,20 @@ def run(spec: dict, jobs: int = 1, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     rows: dict[str, dict] = {}
     unique: dict[tuple[int, str], tuple[Launch, list[str]]] = {}
-    for cap in spec["archs"]:
-        for launch in record(spec["shapes"], spec["dtypes"], spec["ks"], SM_COUNT[cap]):
-            key = compile_key(launch, cap)
-            if (cap, key) in unique:
-                unique[(cap, key)][1].append(launch.label)
-            else:
-                unique[(cap, key)] = (launch, [launch.label])
+    for spec in specs:
+        for cap in spec["archs"]:
+            for launch in record(spec["shapes"], spec["dtypes"], spec["ks"], SM_COUNT[cap], spec["ops"]):
+                key = compile_key(launch, cap)
+                if (cap, key) in unique:
+                    unique[(cap, key)][1].append(launch.label)
+                else:
+                    unique[(cap, key)] = (launch, [launch.label])
     recorded = sum(len(labels) for _, labels in unique.values())
     items = list(unique.items())
-    jobs_list = [(launch.kernel, launch.args, launch.kwargs, cap) for (cap, _), (launch, _) in items]
+    jobs_list = []  # specialised here, compiled in the workers: meta tensors do not cross processes
+    for (cap, _), (launch, _) in items:
+        _, signature, constexprs, attrs, options = _specialise(launch.kernel, launch.args, launch.kwargs, cap)
+        jobs_list.append((launch.kernel, signature, constexprs, attrs, options.__dict__, cap))
     if progress:
         print(f"{recorded} launches recorded, {len(items)} distinct compiles; compiling with {jobs} job(s)", flush=True)
     if jobs > 1:
@@ -366,8 +394,8 @@ def run(spec: dict, jobs: int = 1, progress: bool = True) -> dict:
         rows.setdefault(arch_name(cap), {})[labels[0]] = row
     return {
         "triton": triton.__version__,
-        "tools": tool_versions(spec["archs"]),
-        "spec": {k: list(v) for k, v in spec.items()},
+        "tools": tool_versions(sorted({cap for spec in specs for cap in spec["archs"]}, reverse=True)),
+        "spec": [{k: None if v is None else list(v) for k, v in spec.items()} for spec in specs],
         "launches_recorded": recorded,
         "compiles": len(items),
         "seconds": round(time.perf_counter() - t0, 1),
@@ -397,8 +425,12 @@ def compare(result: dict, baseline: dict, *, complete: bool) -> list[str]:
     problems = []
     for arch, rows in result["rows"].items():
         base_rows = baseline["rows"].get(arch, {})
+        by_label = {}  # every label a baseline compile stands for, the ones it was deduplicated with too
+        for label, base in base_rows.items():
+            for alias in (label, *base.get("same_compile_as", ())):
+                by_label[alias] = base
         for label, row in rows.items():
-            base = base_rows.get(label)
+            base = by_label.get(label)
             if base is None:
                 problems.append(f"{arch} {label}: not in the baseline (regenerate it with --write)")
                 continue
@@ -418,7 +450,8 @@ def compare(result: dict, baseline: dict, *, complete: bool) -> list[str]:
             if not row["fits_shared"] and base["fits_shared"]:
                 problems.append(f"{arch} {label}: no longer fits in shared memory")
         if complete:
-            for label in sorted(set(base_rows) - set(rows)):
+            seen = {alias for label, row in rows.items() for alias in (label, *row.get("same_compile_as", ()))}
+            for label in sorted(set(base_rows) - seen):
                 problems.append(f"{arch} {label}: in the baseline but no longer launched (regenerate it)")
     return problems
 
