@@ -154,9 +154,9 @@ class _Recorder:
 
 
 @contextmanager
-def _recording(sm_count: int, sink: list):
+def _recording(cap: int, sink: list):
     """Kernels replaced by recorders, the backend resolved to "triton" for meta tensors, and the
-    persistent grids sized for ``sm_count`` SMs."""
+    launchers seeing a GPU of capability ``cap``: its tile configs, its SM count for the grids."""
     import triton
 
     import refusalguard_kernels.functional as functional
@@ -164,20 +164,25 @@ def _recording(sm_count: int, sink: list):
 
     saved = {name: obj for name, obj in vars(tp).items() if isinstance(obj, triton.runtime.jit.JITFunction)}
     saved_resolve, saved_programs = functional.resolve_backend, tp.persistent_programs
+    saved_capability = getattr(tp, "device_capability", None)
 
     def programs(row_blocks, device, per_sm=2):
-        return max(1, min(row_blocks, sm_count * per_sm))
+        return max(1, min(row_blocks, SM_COUNT[cap] * per_sm))
 
     try:
         for name in saved:  # helpers (@triton.jit called from kernels) too: restored before compiling
             setattr(tp, name, _Recorder(name, sink))
         functional.resolve_backend = lambda backend, device: "triton"
         tp.persistent_programs = programs
+        if saved_capability is not None:
+            tp.device_capability = lambda device: cap
         yield
     finally:
         for name, kernel in saved.items():
             setattr(tp, name, kernel)
         functional.resolve_backend, tp.persistent_programs = saved_resolve, saved_programs
+        if saved_capability is not None:
+            tp.device_capability = saved_capability
 
 
 def role(kernel_name: str) -> str:
@@ -189,7 +194,7 @@ def record(
     shapes: Iterable[tuple[int, int]],
     dtypes: Iterable[str],
     ks: Iterable[int],
-    sm_count: int,
+    cap: int,
     ops: Iterable[str] | None = None,
 ) -> list[Launch]:
     """Every launch the public ops (all, or the ``ops`` named) make on these shapes, in a fixed order."""
@@ -211,7 +216,7 @@ def record(
                     sink: list = []
                     w = weight if weighted else None
                     gram_coef = 0.5 if gram else 0.0
-                    with _recording(sm_count, sink):
+                    with _recording(cap, sink):
                         if op == "project":
                             # With a graph, project goes through its torch.library op, which meta tensors
                             # send to the fake implementation: record the anchor path (no grad: straight
@@ -364,7 +369,7 @@ def run(specs: list[dict], jobs: int = 1, progress: bool = True) -> dict:
     unique: dict[tuple[int, str], tuple[Launch, list[str]]] = {}
     for spec in specs:
         for cap in spec["archs"]:
-            for launch in record(spec["shapes"], spec["dtypes"], spec["ks"], SM_COUNT[cap], spec["ops"]):
+            for launch in record(spec["shapes"], spec["dtypes"], spec["ks"], cap, spec["ops"]):
                 key = compile_key(launch, cap)
                 if (cap, key) in unique:
                     unique[(cap, key)][1].append(launch.label)
@@ -378,17 +383,20 @@ def run(specs: list[dict], jobs: int = 1, progress: bool = True) -> dict:
         jobs_list.append((launch.kernel, signature, constexprs, attrs, options.__dict__, cap))
     if progress:
         print(f"{recorded} launches recorded, {len(items)} distinct compiles; compiling with {jobs} job(s)", flush=True)
+    pool = None
     if jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            results = list(pool.map(_worker, jobs_list, chunksize=1))
-    else:
-        results = []
-        for i, job in enumerate(jobs_list):
-            results.append(_worker(job))
-            if progress and (i + 1) % 25 == 0:
-                print(f"  {i + 1}/{len(jobs_list)} compiled ({time.perf_counter() - t0:.0f} s)", flush=True)
+        pool = ProcessPoolExecutor(max_workers=jobs)
+    results = []
+    try:
+        for row in pool.map(_worker, jobs_list, chunksize=1) if pool else map(_worker, jobs_list):
+            results.append(row)
+            if progress and len(results) % 50 == 0:
+                print(f"  {len(results)}/{len(jobs_list)} compiled ({time.perf_counter() - t0:.0f} s)", flush=True)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     for ((cap, _), (_launch, labels)), row in zip(items, results):
         row = dict(row, same_compile_as=labels[1:]) if len(labels) > 1 else row
         rows.setdefault(arch_name(cap), {})[labels[0]] = row
@@ -451,8 +459,9 @@ def compare(result: dict, baseline: dict, *, complete: bool) -> list[str]:
                 problems.append(f"{arch} {label}: no longer fits in shared memory")
         if complete:
             seen = {alias for label, row in rows.items() for alias in (label, *row.get("same_compile_as", ()))}
-            for label in sorted(set(base_rows) - seen):
-                problems.append(f"{arch} {label}: in the baseline but no longer launched (regenerate it)")
+            for label in sorted(base_rows):
+                if seen.isdisjoint((label, *base_rows[label].get("same_compile_as", ()))):
+                    problems.append(f"{arch} {label}: in the baseline but no longer launched (regenerate it)")
     return problems
 
 

@@ -479,3 +479,35 @@ def test_bf16_gradients_round_to_nearest(monkeypatch):
     assert max_rel_err(truncated, ref) <= ELEM_GRAD_TOL[torch.bfloat16]  # what the old bound saw
     with pytest.raises(AssertionError, match="not rounded to nearest"):
         check_close(truncated, ref, GRAD_TOL[torch.bfloat16], ELEM_GRAD_TOL[torch.bfloat16], "grad", inputs.seed)
+
+
+# ---------------------------------------------------------------- issue 19: per-architecture tile configs
+
+ARCH_CASES = [
+    ((2, 41), 257, 8, torch.float32, "random"),  # sm_80: 32 fp32 columns per forward tile
+    ((130,), 300, 33, torch.bfloat16, "zeros_some"),  # the wide forward: 8 warps, 64 columns, Gram in chunks
+    ((200,), 129, 64, torch.float32, "random"),  # wide, fp32: 32 columns forward and backward
+]
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("case", ARCH_CASES, ids=[_ids(c) for c in ARCH_CASES])
+def test_tile_configs_of_each_architecture(case, capability, monkeypatch):
+    """The launchers pick tiles by the device's compute capability; every config meets the contract
+    (on CPU the interpreter runs whichever config the launcher picked)."""
+    lead, d, k, dtype, weights = case
+    monkeypatch.setattr(triton_penalty, "device_capability", lambda device: capability)
+    cfg = triton_penalty.fwd_config(k, capability)
+    assert (cfg.block_d_fp32 == 32) == (capability < 90 or k > 16)
+    inputs = make_inputs(lead, d, k, dtype, weights=weights, device=DEVICE)
+    hidden, basis, anchors, weight = inputs
+    ref_loss, ref_grad = reference_loss_and_grad(hidden, basis, anchors, weight, 1.3, 0.7, 2.5)
+    h = hidden.clone().requires_grad_(True)
+    loss = rg.geometry_loss(h, basis, anchors, weight, drift_coef=1.3, gram_coef=0.7, backend=BACKEND)
+    (loss * 2.5).backward()
+    check_close(loss, ref_loss, LOSS_TOL[dtype], None, "loss", inputs.seed)
+    check_close(h.grad, ref_grad, GRAD_TOL[dtype], ELEM_GRAD_TOL[dtype], "grad", inputs.seed)
+    coords = rg.project(hidden, basis, backend=BACKEND)
+    coords_fwd, _, _ = loss_forward_op(hidden, basis.float().contiguous(), anchors.reshape(-1, k).contiguous(),
+                                       weight.reshape(-1), 1.0, 1.0, BACKEND)  # fmt: skip
+    assert torch.equal(coords.reshape(-1, k), coords_fwd)  # anchors made with project give a zero loss

@@ -33,7 +33,8 @@ table): k is a constexpr, so every row stride of B, Z and A and the k mask are k
 compile time -- vector loads and no runtime mask arithmetic; with a runtime k the forward ran
 out of registers and the bf16 backward needed twice as many.  The forward takes 8 warps from a
 padded k of 32 on (FWD_WIDE_CONFIG), where two 128 x k fp32 accumulators do not fit in the
-registers of 4 warps.  One compile per distinct k; a training run uses one k.
+registers of 4 warps (see the tile configs below for the rest).  One compile per distinct k; a
+training run uses one k.
 
 The basis is split inside the kernels, not once per call into cached halves: an fp32
 tile is as many bytes as its bf16 hi + lo, and a cache keyed on the tensor can serve
@@ -57,7 +58,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .layout import interpreting, new_output, padded_k, persistent_programs, row_layout
+from .layout import device_capability, interpreting, new_output, padded_k, persistent_programs, row_layout
 
 
 class TileConfig(NamedTuple):
@@ -73,15 +74,25 @@ class TileConfig(NamedTuple):
         return self.block_d_fp32 if dtype == torch.float32 else self.block_d_half
 
 
-# Chosen by benchmarks/tune_triton.py on an H100 (bf16, N=16384, d=4096, k=8); see benchmarks/NOTES.md.
-# project() and the loss forward share fwd_config(k), which is what makes their Z bitwise equal.
+# Tile configs.  FWD_CONFIG and BWD_CONFIG were chosen by benchmarks/tune_triton.py on an H100 (bf16,
+# N=16384, d=4096, k=8; benchmarks/NOTES.md).  The others keep every launch free of register spills where
+# the tuned ones spill, measured statically (scripts/kernel_resources.py: sm_90 and sm_80, every dtype,
+# k in 1/8/16/64, the benchmark grid's shapes and a ragged one), not yet timed on a GPU:
+# * padded k >= WIDE_K, forward: 8 warps (two warpgroups) so the two 128 x k fp32 accumulators fit, half
+#   as many columns per tile, and the Gram partial in 2 chunks of 64 rows (4 or 8 chunks spill on sm_90:
+#   the batched dot's k x k outputs grow with the chunk count; on sm_80 it is the other way round);
+# * below sm_90 (no wgmma): 32 fp32 columns per forward tile -- with 64, ptxas keeps the fp32 dot in 32
+#   registers and spills ~5 KB per thread;
+# * padded k >= 64, backward: 32 fp32 columns per tile (with 128 the fp32 backward spilled on ragged shapes).
+# project() and the loss forward share fwd_config(k, ...), which is what makes their Z bitwise equal.
 FWD_CONFIG = TileConfig(block_n=128, block_d_half=128, block_d_fp32=64, num_warps=4, num_stages=3, programs_per_sm=1)
-# Padded k >= WIDE_K: the same tiles over 8 warps (two warpgroups), so the accumulators fit without
-# spilling; there two Gram chunks of 64 rows spill nowhere, four or eight do (the k x k outputs of the
-# batched dot grow with the chunk count).  Measured with scripts/kernel_resources.py (sm_90, sm_80).
-FWD_WIDE_CONFIG = FWD_CONFIG._replace(num_warps=8, gram_chunks=2)
+FWD_WIDE_CONFIG = FWD_CONFIG._replace(block_d_half=64, block_d_fp32=32, num_warps=8, gram_chunks=2)
+FWD_CONFIG_SM80 = FWD_CONFIG._replace(block_d_fp32=32)
+FWD_WIDE_CONFIG_SM80 = FWD_WIDE_CONFIG._replace(gram_chunks=4)
 WIDE_K = 32
 BWD_CONFIG = TileConfig(block_n=32, block_d_half=128, block_d_fp32=128, num_warps=8, num_stages=3, programs_per_sm=4)
+BWD_WIDE_CONFIG = BWD_CONFIG._replace(block_d_fp32=32)
+BWD_WIDE_K = 64
 FINALIZE_TILE = 16384  # elements of the partials the finalize program loads at once
 FINALIZE_WARPS = 8
 
@@ -337,8 +348,16 @@ def _penalty_bwd_kernel(
 # basis fp32 contiguous (d, k); anchors fp32 contiguous (N, k); weight fp32 contiguous (N,) or None.
 
 
-def fwd_config(k: int) -> TileConfig:
-    return FWD_WIDE_CONFIG if padded_k(k) >= WIDE_K else FWD_CONFIG
+def fwd_config(k: int, capability: int) -> TileConfig:
+    """The forward's tiles for basis width k on a GPU of compute capability ``capability`` (10 major + minor)."""
+    wide = padded_k(k) >= WIDE_K
+    if capability < 90:
+        return FWD_WIDE_CONFIG_SM80 if wide else FWD_CONFIG_SM80
+    return FWD_WIDE_CONFIG if wide else FWD_CONFIG
+
+
+def bwd_config(k: int) -> TileConfig:
+    return BWD_WIDE_CONFIG if padded_k(k) >= BWD_WIDE_K else BWD_CONFIG
 
 
 def _tile_meta(cfg: TileConfig, N: int, d: int, k: int, block_d: int) -> dict:
@@ -378,7 +397,7 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
     lay = row_layout(hidden)
     N, d, k = lay.rows, hidden.shape[-1], basis.shape[1]
     device = hidden.device
-    cfg = fwd_config(k)
+    cfg = fwd_config(k, device_capability(device))
     block_d = cfg.block_d(hidden.dtype)
     row_blocks = triton.cdiv(N, cfg.block_n)
     programs = persistent_programs(row_blocks, device, cfg.programs_per_sm)
@@ -457,7 +476,7 @@ def _backward(
         gin, n1, s0, s1, sd = lay.tensor, lay.n1, lay.stride0, lay.stride1, lay.stride_col
     else:
         gin, n1, s0, s1, sd = kernel_out, 1, 0, 0, 0
-    cfg = BWD_CONFIG
+    cfg = bwd_config(k)
     block_d = cfg.block_d(hidden_dtype)
     row_blocks = triton.cdiv(N, cfg.block_n)
     programs = persistent_programs(row_blocks, device, cfg.programs_per_sm)
