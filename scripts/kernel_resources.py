@@ -261,8 +261,10 @@ def _specialise(kernel_name: str, args: tuple, kwargs: dict, cap: int):
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = dict(kwargs)
     kwargs["debug"] = kwargs.get("debug", kernel.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    # The options JITFunction.run adds from the knobs (3.6: instrumentation_mode; 3.9 also fpsan_homomorphic_casts).
+    for knob in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(knobs.compilation, knob):
+            kwargs[knob] = getattr(knobs.compilation, knob)
     bound, specialization, options = binder(*args, **kwargs)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
     return kernel, signature, constexprs, attrs, options
