@@ -94,8 +94,12 @@ def _trainer(tmp_path, anchors: str, counter: ReadBackCounter) -> RefusalGuardTr
     )
 
     def phased(method, phase):
+        calls = 0
+
         def run(*a, **kw):
-            previous, counter.phase = counter.phase, phase
+            nonlocal calls
+            calls += 1
+            previous, counter.phase = counter.phase, phase if phase == "log" else f"{phase} {calls}"
             try:
                 return method(*a, **kw)
             finally:
@@ -116,13 +120,20 @@ def test_no_read_back_per_micro_batch(tmp_path, monkeypatch, anchors):
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "guard_penalty" in entry]
     assert len(logged) == 1 and all(f"guard_drift/layer_{layer}" in logged[0] for layer in LAYERS)
-    per_batch = dict(counter.calls["micro-batch"])
+    batches = [phase for phase in counter.calls if phase.startswith("micro-batch")]
+    assert all(int(phase.split()[1]) <= 4 for phase in batches)
+    # Input checks may read back once, on the first micro-batch (a misconfiguration errors at step 0).
+    first = counter.calls.get("micro-batch 1", {})
+    assert sum(first.values()) <= 3 and all(".integration.hooks." in call for call in first), dict(first)
+    later = {
+        phase: dict(calls) for phase, calls in counter.calls.items() if phase in batches and phase != "micro-batch 1"
+    }
     if anchors == "cached":
-        assert per_batch == {}, f"device -> host read-backs in the training micro-batch: {per_batch}"
+        assert later == {}, f"device -> host read-backs in training micro-batches: {later}"
     else:
-        # The one left: the frozen forward's NaN/Inf check on the anchors it made (RefusalGuard.anchors,
-        # an input check that raises; see benchmarks/NOTES.md, issue 19 item 5).
-        assert set(per_batch) <= {"refusalguard_kernels.integration.hooks.anchors: Tensor.__bool__"}, per_batch
-        assert sum(per_batch.values()) <= 4, per_batch  # at most one per micro-batch
+        # Allowed until the anchors' NaN/Inf check is deferred to the log step (integration/hooks.py, H17's
+        # branch): one truth test per frozen forward in RefusalGuard.anchors.  Nothing else.
+        allowed = {"refusalguard_kernels.integration.hooks.anchors: Tensor.__bool__": 1}
+        assert all(calls == allowed for calls in later.values()), later
     # The values are read back once, when the Trainer logs: the counter sees reads there.
     assert sum(counter.calls["log"].values()) >= 1, "the counter saw no read-back at all: it counts nothing"
