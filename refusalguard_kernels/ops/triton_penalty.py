@@ -426,7 +426,7 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
         COMPUTE_LOSS=compute_loss,
         HAS_WEIGHT=weight is not None,
         GRAM=gram,
-        GRAM_CHUNKS=cfg.gram_chunks,
+        GRAM_CHUNKS=max(1, min(cfg.gram_chunks, cfg.block_n // 16)),  # a dot reduces over >= 16 rows
         **_tile_meta(cfg, N, d, k, block_d),
     )
     if not compute_loss:
