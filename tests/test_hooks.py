@@ -16,7 +16,7 @@ from tiny_models import (
 )
 from torch import nn
 
-from refusalguard_kernels import project
+from refusalguard_kernels import available_backends, project
 from refusalguard_kernels.integration.basis import RefusalBasis
 from refusalguard_kernels.integration.hooks import RefusalGuard, parse_positions
 from refusalguard_kernels.integration.model_utils import (
@@ -33,6 +33,16 @@ def _one_thread():
     torch.set_num_threads(1)  # tiny matmuls: threads only contend
     yield
     torch.set_num_threads(threads)
+
+
+def _triton_device() -> str:
+    """Where backend="triton" runs: CUDA tensors on a GPU machine; CPU tensors only under TRITON_INTERPRET=1,
+    which tests/conftest.py sets where there is no GPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if "triton" in available_backends():
+        return "cpu"
+    pytest.skip("backend='triton' needs a GPU or TRITON_INTERPRET=1")
 
 
 def _grads(model):
@@ -146,8 +156,9 @@ class _TupleModel(_Blocks):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_tuple_layer_outputs(backend):
     torch.manual_seed(0)
-    model = _TupleModel()
-    ids = random_batch()["input_ids"]
+    device = _triton_device() if backend == "triton" else "cpu"
+    model = _TupleModel().to(device)
+    ids = random_batch()["input_ids"].to(device)
     reference = model(input_ids=ids).logits.detach()
     basis = RefusalBasis({1: torch.linalg.qr(torch.randn(16, 2, generator=torch.Generator().manual_seed(1)))[0]})
     with RefusalGuard(model, basis, backend=backend) as guard:
@@ -308,8 +319,9 @@ def test_disarmed_hooks_are_identity_and_record_nothing():
 
 
 def test_outputs_bit_identical_with_guard_armed():
-    model = tiny_model("llama").train()
-    batch = random_batch(pad_rows={2: 5})
+    device = _triton_device()
+    model = tiny_model("llama").to(device).train()
+    batch = {key: value.to(device) for key, value in random_batch(pad_rows={2: 5}).items()}
     reference = model(**batch).logits.detach()
     for backend in ("torch", "triton"):
         with RefusalGuard(model, random_basis(model, [0, 1, 2], k=2), backend=backend) as guard:
@@ -358,10 +370,11 @@ def test_anchors_ignore_guard_keys_and_labels():
 
 
 def test_triton_backend_through_the_hook():
-    model = tiny_model("llama").train()
-    batch = random_batch(batch=2, seq=8, pad_rows={1: 2})
+    device = _triton_device()
+    model = tiny_model("llama").to(device).train()
+    batch = {key: value.to(device) for key, value in random_batch(batch=2, seq=8, pad_rows={1: 2}).items()}
     basis = random_basis(model, [1], k=2)
-    noise = 0.1 * torch.randn(2, 8, 2, generator=torch.Generator().manual_seed(9))
+    noise = 0.1 * torch.randn(2, 8, 2, generator=torch.Generator().manual_seed(9)).to(device)
     grads = {}
     for backend in ("triton", "torch"):
         model.zero_grad()
@@ -383,9 +396,33 @@ def test_triton_backend_through_the_hook():
 # ---------------------------------------------------------------------------- training-engine properties
 
 
+def _layer_hooks_run_without_autograd(reentrant: bool) -> bool:
+    """Whether this transformers' checkpointing runs a decoder layer's forward hooks without autograd (inside a
+    reentrant checkpoint: transformers 5.0 does; 5.23 runs them outside, where autograd is on)."""
+    model = tiny_model("llama", seed=5)
+    _enable_checkpointing(model, reentrant=reentrant)
+    model.train()
+    seen = []
+    handle = model.model.layers[0].register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    model(**random_batch()).loss.backward()
+    handle.remove()
+    return not seen[0]
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_same_gradients_counted_once(reentrant):
     batch = random_batch(pad_rows={3: 4})
+    if _layer_hooks_run_without_autograd(reentrant):
+        # The penalty would get no gradient there: refused with the fix, never silently zero.
+        model = tiny_model("llama", seed=5)
+        guard = RefusalGuard(model, random_basis(model, [0, 1, 2], k=2), gram_coef=0.5, backend="torch")
+        anchors = guard.anchors(**batch)
+        _enable_checkpointing(model, reentrant=reentrant)
+        model.train()
+        with pytest.raises(RuntimeError, match="use_reentrant': False"):
+            _step(model, guard, batch, anchors)
+        assert reentrant, "non-reentrant checkpointing must keep autograd on in the hooks"
+        return
     results = []
     for checkpointing in (False, True):
         model = tiny_model("llama", seed=5)
@@ -568,7 +605,7 @@ def test_transformers_integrated_adapter():
     """model.add_adapter(...) (PEFT through transformers): anchors come from the adapter-free model."""
     from peft import LoraConfig
 
-    from refusalguard_kernels.integration.versions import VersionConflictError, require
+    from refusalguard_kernels.versions import VersionConflictError, require
 
     try:  # the tested set (constraints.txt) has no conflict; a newest-releases run may (scripts/deps.py)
         require("integrated-adapters")

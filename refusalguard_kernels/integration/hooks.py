@@ -750,13 +750,22 @@ class RefusalGuard:
         return total
 
     def layer_losses(self) -> dict[int, float]:
-        """{layer: loss} of the latest armed forward as Python floats (for logging; syncs, and raises any failed
-        deferred check, see ``check_pending``)."""
+        """{layer: loss} of the latest armed forward as Python floats (for logging; syncs with the
+        device -- ``layer_loss_values`` is the form that does not -- and raises any failed deferred
+        check, see ``check_pending``)."""
         self.check_pending()
-        if not self._losses:
-            return {}
-        values = torch.stack([self._losses[layer].detach().to(torch.float32).cpu() for layer in sorted(self._losses)])
-        return dict(zip(sorted(self._losses), values.tolist()))
+        layers, values = self.layer_loss_values()
+        return dict(zip(layers, values.tolist()))
+
+    def layer_loss_values(self) -> tuple[list[int], Tensor]:
+        """(layers, losses) of the latest armed forward: the per-layer losses, detached, as one float32
+        tensor on the first layer's device in ``layers`` order.  No device -> host copy, so a trainer
+        can accumulate it every micro-batch and read it back only when it logs."""
+        layers = sorted(self._losses)
+        if not layers:
+            return [], torch.zeros(0)
+        device = self._losses[layers[0]].device
+        return layers, torch.stack([self._losses[layer].detach().to(device, torch.float32) for layer in layers])
 
     # ------------------------------------------------------------------ hooks
 

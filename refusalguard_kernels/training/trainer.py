@@ -267,7 +267,7 @@ class RefusalGuardMixin:
                 autocast_dtype=training_autocast_dtype(self.args),
             )
         self._guard_sums: Tensor | None = None
-        self._guard_layer_sums: dict[int, float] = {}
+        self._guard_layer_sums: dict[int, Tensor] = {}
         self._guard_steps = 0.0  # optimizer steps recorded since the last log (resuming-safe)
         self._guard_scale_now = self.coef_scale(0)
 
@@ -386,8 +386,11 @@ class RefusalGuardMixin:
         task = task_loss.detach().float() / (1 if scaled else accumulation)
         values = torch.stack([task, penalty.detach().float().to(task.device) / accumulation])
         self._guard_sums = values if self._guard_sums is None else self._guard_sums + values
-        for layer, value in self.guard.layer_losses().items():
-            self._guard_layer_sums[layer] = self._guard_layer_sums.get(layer, 0.0) + value / accumulation
+        # Device tensors only: a read-back here would stall the host every micro-batch; log() reads them.
+        layers, layer_values = self.guard.layer_loss_values()
+        for layer, value in zip(layers, (layer_values.to(task.device) / accumulation).unbind()):
+            previous = self._guard_layer_sums.get(layer)
+            self._guard_layer_sums[layer] = value if previous is None else previous + value
         self._guard_steps += 1.0 / accumulation
         self._guard_scale_now = scale
 
@@ -399,7 +402,9 @@ class RefusalGuardMixin:
             values = torch.cat(
                 [
                     self._guard_sums,
-                    torch.tensor([self._guard_layer_sums[layer] for layer in layers], device=self._guard_sums.device),
+                    torch.stack([self._guard_layer_sums[layer].to(self._guard_sums.device) for layer in layers])
+                    if layers
+                    else self._guard_sums.new_zeros(0),
                 ]
             )
             if self.args.world_size > 1:
