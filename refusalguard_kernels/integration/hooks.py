@@ -631,7 +631,9 @@ class RefusalGuard:
 
     def _warn_outliers(self, anchors: dict[int, Tensor], weight: Tensor | None) -> None:
         """Warn when a guarded token's frozen coordinates dwarf the others' (an attention sink the
-        position rule did not exclude): such a token would make up most of the penalty."""
+        position rule did not exclude): such a token would make up most of the penalty.  One host
+        read-back for all layers (more only to word a warning)."""
+        stats = []
         for layer in self.layers:
             with _autocast_off():
                 norms = anchors[layer].detach().float().norm(dim=-1)
@@ -640,15 +642,22 @@ class RefusalGuard:
             if values.numel() < 4:
                 continue
             median, worst = values.median(), values.max()
-            if bool(median > 0) and bool(worst > OUTLIER_RATIO * median):
+            ratio = torch.where(median > 0, worst / median.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+            stats.append((layer, norms, guarded, median, worst, ratio))
+        if not stats:
+            return
+        device = stats[0][5].device
+        ratios = torch.stack([entry[5].to(device) for entry in stats]).tolist()
+        for (layer, norms, guarded, median, worst, _), ratio in zip(stats, ratios):
+            if ratio > OUTLIER_RATIO:
                 index = int((norms * guarded).reshape(-1).argmax())
                 row, position = divmod(index, norms.shape[-1])
                 warnings.warn(
                     f"layer {layer}: a guarded token (row {row}, position {position}) has frozen cone coordinates of "
-                    f"norm {float(worst):.3g}, {float(worst / median):.0f}x the median guarded token's "
-                    f"({float(median):.3g}); a token with massive activations (an attention sink) would dominate the "
-                    "penalty and its gradient. Exclude it: RefusalGuard(..., exclude_first=N) for leading tokens, or a "
-                    "[batch, seq] positions weight tensor",
+                    f"norm {float(worst):.3g}, {ratio:.0f}x the median guarded token's ({float(median):.3g}); a "
+                    "token with massive activations (an attention sink) would dominate the penalty and its "
+                    "gradient. Exclude it: RefusalGuard(..., exclude_first=N) for leading tokens, or a [batch, seq] "
+                    "positions weight tensor",
                     UserWarning,
                     stacklevel=3,
                 )
