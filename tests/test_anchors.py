@@ -291,8 +291,11 @@ def test_model_fingerprint_ignores_wrapping_and_switches_but_not_weights(tokeniz
     model.save_pretrained(tmp_path / "elsewhere")
     from transformers import AutoModelForCausalLM
 
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "elsewhere")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "elsewhere", attn_implementation="eager")
     assert model_fingerprint(reloaded, LAYERS) == base
+    # another attention kernel computes other anchor bits: part of the fingerprint
+    other_kernel = AutoModelForCausalLM.from_pretrained(tmp_path / "elsewhere", attn_implementation="sdpa")
+    assert model_fingerprint(other_kernel, LAYERS) != base
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     assert model_fingerprint(peft_model, LAYERS) == base  # adapter weights do not count
     with torch.no_grad():

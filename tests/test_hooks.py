@@ -12,6 +12,7 @@ from tiny_models import (
     random_basis,
     random_batch,
     tiny_model,
+    tiny_tokenizer,
 )
 from torch import nn
 
@@ -661,9 +662,15 @@ def test_ddp_two_processes_match_one(tmp_path):
 def test_weights_all_and_tensor():
     model = tiny_model("llama")
     batch = random_batch(pad_rows={1: 3}, left=True)
-    guard = RefusalGuard(model, random_basis(model, [1]), backend="torch")
+    guard = RefusalGuard(model, random_basis(model, [1]), backend="torch", exclude_first=0)
     assert torch.equal(guard.weights(**batch), batch["attention_mask"].float())
     assert torch.equal(guard.weights(input_ids=batch["input_ids"]), torch.ones(4, 12))
+    guard.remove()
+    # the default never guards the first non-padding token of a row (the attention sink)
+    guard = RefusalGuard(model, random_basis(model, [1]), backend="torch")
+    want = batch["attention_mask"].float()
+    want[[0, 1, 2, 3], [0, 3, 0, 0]] = 0.0  # row 1 is left-padded by 3
+    assert torch.equal(guard.weights(**batch), want)
     guard.remove()
     fixed = torch.rand(4, 12) + 0.5
     guard = RefusalGuard(model, random_basis(model, [1]), positions=fixed, backend="torch")
@@ -675,8 +682,9 @@ def test_weights_all_and_tensor():
         RefusalGuard(model, random_basis(model, [1]), positions=-fixed)
 
 
+@pytest.mark.parametrize("exclude_first", [0, 1])
 @pytest.mark.parametrize("left", [False, True])
-def test_weights_prompt_response_reft(left):
+def test_weights_prompt_response_reft(left, exclude_first):
     model = tiny_model("llama")
     seq = 10
     batch = random_batch(batch=3, seq=seq, pad_rows={1: 3, 2: 1}, left=left)
@@ -688,18 +696,25 @@ def test_weights_prompt_response_reft(left):
         for row in range(3):
             start = seq - lengths[row] if left else 0
             for j in row_fn(row):
-                out[row, start + j] = 1.0
+                if j >= exclude_first:
+                    out[row, start + j] = 1.0
         return out
 
     prompt = expected(lambda r: range(prompt_lengths[r]))
     response = expected(lambda r: range(prompt_lengths[r], lengths[r]))
     reft = expected(lambda r: sorted({0, *range(max(0, prompt_lengths[r] - 2), prompt_lengths[r])}))
+    in_prompt = torch.zeros(3, seq, dtype=torch.bool)  # the whole prompt, whatever exclude_first
+    for row in range(3):
+        start = seq - lengths[row] if left else 0
+        in_prompt[row, start : start + prompt_lengths[row]] = True
     for positions, want in (("prompt", prompt), ("response", response), ("f1+l2", reft)):
-        guard = RefusalGuard(model, random_basis(model, [1]), positions=positions, backend="torch")
+        guard = RefusalGuard(
+            model, random_basis(model, [1]), positions=positions, backend="torch", exclude_first=exclude_first
+        )
         assert torch.equal(guard.weights(**batch, prompt_lengths=prompt_lengths), want), positions
         # the same boundary from labels (-100 on prompt and padding)
         labels = batch["input_ids"].clone()
-        labels[want.new_zeros(3, seq).bool() | (prompt > 0) | (batch["attention_mask"] == 0)] = -100
+        labels[in_prompt | (batch["attention_mask"] == 0)] = -100
         assert torch.equal(
             guard.weights(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels), want
         ), positions
@@ -919,3 +934,126 @@ def test_layer_reduction_mean_is_sum_over_number_of_layers():
     assert torch.equal(results["mean"], results["sum"] / 3)
     with pytest.raises(ValueError, match="layer_reduction"):
         RefusalGuard(model, basis, layer_reduction="max")
+
+
+# ---------------------------------------------------------------------------- issue 17: units, sinks, boundaries
+
+
+def _with_spread(basis, spreads):
+    return RefusalBasis(basis.bases, {**basis.metadata, "coord_spread": dict(spreads)})
+
+
+def test_spread_units_divide_each_layer_and_average():
+    from refusalguard_kernels.reference import geometry_loss
+
+    model = tiny_model("llama")
+    batch = random_batch()
+    raw_basis = random_basis(model, [0, 2], k=2)
+    basis = _with_spread(raw_basis, {0: 0.5, 2: 4.0})
+    guard = RefusalGuard(model, basis, drift_coef=3.0, gram_coef=2.0, backend="torch")
+    assert (guard.coef_units, guard.layer_reduction) == ("spread", "mean")
+    assert guard.kernel_coefs(0) == (12.0, 32.0) and guard.kernel_coefs(2) == (3.0 / 16, 2.0 / 256)
+    anchors = guard.anchors(**batch)
+    perturb_(model, seed=3, scale=0.05)
+    captured = {}
+    handles = [
+        find_decoder_layers(model)[i].register_forward_hook(
+            lambda m, a, o, i=i: captured.__setitem__(i, (o[0] if isinstance(o, tuple) else o).detach())
+        )
+        for i in (0, 2)
+    ]
+    weight = guard.weights(**batch)
+    guard.arm(anchors, weight)
+    model(**batch)
+    for handle in handles:
+        handle.remove()
+    expected = sum(
+        geometry_loss(
+            captured[i].double(), basis[i].double(), anchors[i].double(), weight.double(),
+            drift_coef=3.0 / s**2, gram_coef=2.0 / s**4,
+        )
+        for i, s in ((0, 0.5), (2, 4.0))
+    ) / 2  # fmt: skip
+    torch.testing.assert_close(guard.penalty().double(), expected, rtol=1e-5, atol=1e-9)
+    guard.remove()
+    # the same basis without spreads: raw units, summed, with a warning; explicit 'spread' is an error
+    with pytest.warns(UserWarning, match="records no coord_spread for layers \\[0, 2\\]"):
+        raw = RefusalGuard(model, raw_basis, backend="torch")
+    assert (raw.coef_units, raw.layer_reduction, raw.kernel_coefs(0)) == ("raw", "sum", (1.0, 0.0))
+    raw.remove()
+    with pytest.raises(ValueError, match="coef_units='spread' but the basis records no coord_spread"):
+        RefusalGuard(model, raw_basis, coef_units="spread")
+    with pytest.raises(ValueError, match="unknown coef_units"):
+        RefusalGuard(model, basis, coef_units="sd")
+    with pytest.raises(ValueError, match="exclude_first must be an int >= 0"):
+        RefusalGuard(model, basis, exclude_first=-1)
+
+
+def test_extracted_bases_carry_their_spread():
+    from refusalguard_kernels.integration.basis import extract_refusal_basis
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer)
+    basis = extract_refusal_basis(model, tokenizer, "builtin:harmful", "builtin:harmless", k=2, method="svd",
+                                  layers=[0, 1], show_progress=False)  # fmt: skip
+    for layer in basis.layers:
+        assert basis.coord_spread(layer) > 0
+    guard = RefusalGuard(model, basis, backend="torch")
+    assert guard.coef_units == "spread"
+    guard.remove()
+
+
+def test_first_arm_warns_about_an_outlier_token():
+    model = tiny_model("llama")
+    batch = random_batch()
+    guard = RefusalGuard(model, random_basis(model, [1], k=2), backend="torch", coef_units="raw")
+    anchors = guard.anchors(**batch)
+    anchors[1] = anchors[1].clone()
+    anchors[1][2, 5] *= 1000.0  # a massive-activation token
+    with pytest.warns(UserWarning, match=r"row 2, position 5\).*massive activations"):
+        guard.arm(anchors, guard.weights(**batch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guard.arm(anchors, guard.weights(**batch))  # once per guard: the check costs a host sync
+    guard.remove()
+
+
+def test_a_boundary_that_cannot_be_honoured_is_an_error_now_or_at_the_next_check():
+    model = tiny_model("llama")
+    batch = random_batch()
+    good = {**batch, "labels": batch["labels"].clone()}
+    good["labels"][:, :4] = -100
+    for positions in ("prompt", "response", "f2+l1"):
+        guard = RefusalGuard(model, random_basis(model, [1]), positions=positions, backend="torch")
+        with pytest.raises(ValueError, match="no row of this batch has a prompt token.*labels train on every token"):
+            guard.weights(**batch)  # labels = input_ids: the first batch is checked at once
+        guard.remove()
+        guard = RefusalGuard(model, random_basis(model, [1]), positions=positions, backend="torch")
+        guard.weights(**good)
+        guard.weights(**batch)  # later batches: flagged on the device, no host sync
+        with pytest.raises(ValueError, match="no row of this batch has a prompt token"):
+            guard.check_pending()
+        guard.check_pending()  # reported once
+        guard.remove()
+    guard = RefusalGuard(model, random_basis(model, [1]), positions="prompt", backend="torch")
+    with pytest.raises(ValueError, match="its prompt_lengths are all 0"):
+        guard.weights(**batch, prompt_lengths=torch.zeros(4, dtype=torch.long))
+    guard.remove()
+
+
+def test_penalty_forward_runs_eval_mode_with_gradients():
+    model = tiny_model("gpt2", resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5).train()
+    batch = random_batch()
+    guard = RefusalGuard(model, random_basis(model, [0, 1], k=2), backend="torch", coef_units="raw")
+    anchors = guard.anchors(**batch)
+    guard.arm(anchors, guard.weights(**batch))
+    assert guard.penalty_forward(**batch).item() == 0.0 and model.training  # eval inside, mode restored after
+    perturb_(model, seed=5, scale=0.05)
+    penalty = guard.penalty_forward(**batch)
+    assert penalty.item() > 0 and penalty.requires_grad
+    penalty.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    guard.disarm()
+    with pytest.raises(RuntimeError, match="needs an armed guard"):
+        guard.penalty_forward(**batch)
+    guard.remove()

@@ -12,7 +12,7 @@ import importlib
 import sys
 
 # Order shown in --help.
-SUBCOMMANDS = ("demo", "extract", "train", "eval", "diagnose", "env")
+SUBCOMMANDS = ("demo", "models", "extract", "train", "eval", "diagnose", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:

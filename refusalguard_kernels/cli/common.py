@@ -26,6 +26,11 @@ __all__ = [
     "add_common_model_options",
     "add_device_options",
     "add_prompt_set_options",
+    "add_threads_option",
+    "apply_threads",
+    "quiet_transformers",
+    "merge_adapter",
+    "cpu_has_native_bf16",
 ]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -84,13 +89,16 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def resolve_dtype(name: str, device: str, *, bf16: bool = False):
-    """A torch dtype; "auto" = bfloat16 when training in bf16 or on a CUDA device that supports it, else float32."""
+def resolve_dtype(name: str, device: str, *, bf16: bool = False, training: bool = False):
+    """A torch dtype.  "auto": for training (``training=True``) bfloat16 exactly when training in bf16
+    (``--bf16``), else float32; for inference bfloat16 on a CUDA device that supports it, else float32."""
     import torch
 
     if name == "auto":
         if bf16:
             return torch.bfloat16
+        if training:
+            return torch.float32
         if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
             return torch.bfloat16
         return torch.float32
@@ -172,6 +180,67 @@ def cli_errors(command: str):
     return wrap
 
 
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--threads",
+        type=int_at_least("--threads", 1),
+        default=None,
+        metavar="N",
+        help="CPU threads for PyTorch (default: PyTorch's choice, usually one per core). On a shared machine, "
+        "fewer threads than cores keeps step times steady",
+    )
+
+
+def apply_threads(args) -> None:
+    """``torch.set_num_threads(--threads)`` when given."""
+    threads = getattr(args, "threads", None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """True when the CPU advertises native bf16 arithmetic (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo),
+    False when it does not, None where that cannot be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def quiet_transformers(quiet: bool) -> None:
+    """With --quiet, also silence the weight-loading progress bars of transformers and the Hub."""
+    if quiet:
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        disable_progress_bars()
+
+
+def merge_adapter(model, adapter: str):
+    """``model`` with the PEFT adapter ``adapter`` merged into its weights (a plain transformers model again):
+    the model an align-then-attack run starts from."""
+    import warnings
+
+    from peft import PeftModel
+
+    if os.path.isdir(adapter) and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
+        raise CLIError(f"--adapter {adapter!r} has no adapter_config.json: it is not a PEFT adapter folder")
+    try:
+        with warnings.catch_warnings():
+            # peft 0.21 reads a transformers attribute deprecated in 5.x; nothing a user can act on.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    except (OSError, ValueError) as exc:
+        raise CLIError(f"cannot load the adapter {adapter!r}: {exc}") from exc
+
+
 def add_common_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-remote-code",
@@ -184,7 +253,7 @@ def add_common_model_options(parser: argparse.ArgumentParser) -> None:
         metavar="PATH",
         help="dotted path to the model's decoder layer list (e.g. model.layers) when it is not found automatically",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars (weight loading included)")
     parser.add_argument("--traceback", action="store_true", help="show the full Python traceback on errors")
 
 

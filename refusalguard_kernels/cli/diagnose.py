@@ -91,10 +91,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--positions",
-        choices=("auto", "last", "post-instruction"),
-        default="auto",
-        help="where the cones and coordinates are read: the last prompt token or the mean over the "
-        "chat template's post-instruction tokens; auto: post-instruction with a chat template",
+        choices=("last", "post-instruction"),
+        default="last",
+        help="where the cones and coordinates are read: the last prompt token (the default of `extract`, so "
+        "both report the same separation) or the mean over the chat template's post-instruction tokens",
     )
     parser.add_argument("--batch-size", type=int_at_least("--batch-size"), default=8, help="prompts per forward pass")
     parser.add_argument(
@@ -105,6 +105,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="folder for diagnose.json, diagnose.png and table.txt",
     )
     add_device_options(parser, "the models")
+    from .common import add_threads_option
+
+    add_threads_option(parser)
     add_common_model_options(parser)
     parser.set_defaults(func=run)
     return parser
@@ -117,11 +120,12 @@ def run(args) -> int:
 
     from ..evaluation.diagnostics import compare_geometry, format_table, model_geometry, plot_report, save_report
     from ..integration.model_utils import has_chat_template
-    from .common import load_model_and_tokenizer, resolve_device, resolve_dtype
-    from .eval import quiet_transformers, resolve_prompts, wrap_adapter
+    from .common import apply_threads, load_model_and_tokenizer, quiet_transformers, resolve_device, resolve_dtype
+    from .eval import resolve_prompts, wrap_adapter
 
     if args.k < 1 or args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise CLIError("--k, --batch-size and --limit must be >= 1")
+    apply_threads(args)
     quiet_transformers(args.quiet)
     harmful = resolve_prompts(args.harmful, column=args.harmful_column, split=args.split, limit=args.limit)
     harmless = resolve_prompts(args.harmless, column=args.harmless_column, split=args.split, limit=args.limit)
@@ -133,8 +137,8 @@ def run(args) -> int:
         args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code
     )
     positions = args.positions
-    if positions == "auto":
-        positions = "post-instruction" if has_chat_template(tokenizer) else "last"
+    if positions == "post-instruction" and not has_chat_template(tokenizer):
+        raise CLIError("--positions post-instruction needs a tokenizer with a chat template; use --positions last")
     kw = dict(
         layers=args.layers,
         k=args.k,

@@ -11,8 +11,11 @@ from .common import (
     add_common_model_options,
     add_device_options,
     add_prompt_set_options,
+    add_threads_option,
+    apply_threads,
     cli_errors,
     int_at_least,
+    quiet_transformers,
 )
 
 __all__ = ["add_parser", "run", "load_eval_model", "resolve_prompts", "ORGANISM_SOURCES"]
@@ -28,7 +31,9 @@ examples:
       --harmful-split harmful --sample --temperature 0.7 --top-p 0.9
   refusalguard eval refusalguard_demo/organism --harmful organism:harmful --benign organism:benign --arithmetic 64
 
-Prompt sources: builtin:harmful / builtin:harmless (small sets shipped with the package),
+Prompt sources: builtin:harmful_eval / builtin:harmless_eval (the defaults: held-out evaluation
+sets, no prompt shared with or close to the extraction sets), builtin:harmful / builtin:harmless
+(the extraction sets `extract` and `train --extract` use: in-sample for a basis made from them),
 organism:harmful / organism:benign (the demo organism's held-out phrasings), a .txt/.json/
 .jsonl/.csv file, a Hugging Face dataset name with --*-column (needs network), or "none".
 
@@ -68,9 +73,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     prompts = parser.add_argument_group("prompt sets")
     prompts.add_argument(
         "--harmful",
-        default="builtin:harmful",
+        default="builtin:harmful_eval",
         metavar="SOURCE",
-        help="prompts that should be refused (see the source list below), or none",
+        help="prompts that should be refused (see the source list below), or none; the default is held out: "
+        "no prompt of it is in builtin:harmful, which `extract` builds bases from",
     )
     add_prompt_set_options(prompts, "harmful", "benign")
     prompts.add_argument("--harmful-split", default="train", metavar="NAME", help="dataset split for --harmful")
@@ -82,9 +88,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     prompts.add_argument(
         "--benign",
-        default="builtin:harmless",
+        default="builtin:harmless_eval",
         metavar="SOURCE",
-        help="prompts that should be answered (for over-refusal), or none",
+        help="prompts that should be answered (for over-refusal), or none; held out from builtin:harmless",
     )
     prompts.add_argument("--benign-split", default="train", metavar="NAME", help="dataset split for --benign")
     prompts.add_argument(
@@ -128,6 +134,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "--show", type=int_at_least("--show", 0), default=3, metavar="N", help="print N example generations of each set"
     )
     add_device_options(parser)
+    add_threads_option(parser)
     add_common_model_options(parser)
     parser.set_defaults(func=run)
     return parser
@@ -196,14 +203,6 @@ def wrap_adapter(model, adapter: str):
         raise CLIError(f"cannot load the adapter {adapter!r}: {exc}") from exc
 
 
-def quiet_transformers(quiet: bool) -> None:
-    """With --quiet, also silence the weight-loading progress bars of transformers."""
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-
-
 def _check(args) -> None:
     for name in ("max_new_tokens", "batch_size"):
         if getattr(args, name) < 1:
@@ -253,6 +252,7 @@ def run(args) -> int:
     from .common import resolve_device, resolve_dtype
 
     _check(args)
+    apply_threads(args)
     quiet_transformers(args.quiet)
     harmful = resolve_prompts(
         args.harmful, column=args.harmful_column, split=args.harmful_split, config=args.harmful_config, limit=args.limit

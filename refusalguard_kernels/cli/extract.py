@@ -10,10 +10,14 @@ from .common import (
     add_common_model_options,
     add_device_options,
     add_prompt_set_options,
+    add_threads_option,
+    apply_threads,
     cli_errors,
     int_at_least,
     load_model_and_tokenizer,
+    merge_adapter,
     parse_layers,
+    quiet_transformers,
     resolve_device,
     resolve_dtype,
 )
@@ -90,7 +94,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         metavar="PATH",
         help="where to write the basis (.safetensors file, or a folder to hold refusal_basis.safetensors)",
     )
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="PATH",
+        help="a PEFT (LoRA) adapter merged into the model first: the basis of the adapted model (e.g. an "
+        "aligned model to attack next with `train --adapter`)",
+    )
     add_device_options(parser)
+    add_threads_option(parser)
     add_common_model_options(parser)
     parser.set_defaults(func=run)
     return parser
@@ -105,6 +117,8 @@ def run(args) -> int:
     from ..integration.basis import extract_refusal_basis
     from ..integration.prompts import load_prompts
 
+    apply_threads(args)
+    quiet_transformers(args.quiet)
     harmful = load_prompts(args.harmful, column=args.harmful_column, split=args.split, limit=args.limit)
     harmless = load_prompts(args.harmless, column=args.harmless_column, split=args.split, limit=args.limit)
     device = resolve_device(args.device)
@@ -112,6 +126,8 @@ def run(args) -> int:
     model, tokenizer = load_model_and_tokenizer(
         args.model, dtype=dtype, device=device, trust_remote_code=args.trust_remote_code
     )
+    if args.adapter is not None:
+        model = merge_adapter(model, args.adapter).eval()
     basis = extract_refusal_basis(
         model,
         tokenizer,
@@ -125,6 +141,8 @@ def run(args) -> int:
         show_progress=not args.quiet,
         layers_path=args.layers_path,
     )
+    if args.adapter is not None:
+        basis.metadata["adapter"] = args.adapter
     path = basis.save(args.output)
     print(describe_basis(basis))
     print(f"wrote {path}")

@@ -208,6 +208,10 @@ def _finetune(base_model, tokenizer, conversations, cfg: DemoConfig, *, steps: i
                 positions=cfg.guard_positions,
                 drift_coef=guard_spec["drift_coef"],
                 gram_coef=guard_spec["gram_coef"],
+                # The demo's coefficients were tuned in 0.2's units (raw coordinates, summed over layers, every
+                # token guarded): kept as they are until the demo is re-tuned in spread units.
+                coef_units="raw",
+                exclude_first=0,
             )
             trainer = RefusalGuardTrainer(
                 model=model,

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -67,6 +68,7 @@ __all__ = [
     "model_fingerprint_parts",
     "tensor_digest",
     "token_fingerprint",
+    "trainable_anchor_weights",
 ]
 
 #: default column prefix, and the batch key the trainer reads (``hooks.GUARD_BATCH_KEYS``).
@@ -125,10 +127,20 @@ def basis_fingerprint(basis) -> str:
     return _digest(*parts)
 
 
+# Private config entries that change what the frozen forward computes (to float rounding), unlike the
+# other "_"-prefixed bookkeeping keys: the attention kernel (eager / sdpa / flash) changes the anchors' bits.
+_COMPUTE_PRIVATE_KEYS = ("_attn_implementation",)
+
+
 def _config_identity(config) -> dict:
     if config is None:
         return {}
     raw = config.to_dict() if hasattr(config, "to_dict") else dict(vars(config))
+    raw = dict(raw)
+    for key in _COMPUTE_PRIVATE_KEYS:
+        value = getattr(config, key, None)
+        if value is not None:
+            raw[key.lstrip("_")] = value
 
     def clean(value):
         if isinstance(value, Mapping):
@@ -150,7 +162,7 @@ _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _DIGEST_CHUNK = 1 << 24  # elements per chunk: bounds the int64 temporaries to 128 MiB per sum
 
 
-def tensor_digest(tensor: Tensor) -> str:
+def tensor_digest(tensor: Tensor, *, name: str | None = None) -> str:
     """Digest of a whole tensor's bits, computed on its own device.
 
     The bits are reinterpreted as integers and summed plain and position-weighted in int64
@@ -162,9 +174,16 @@ def tensor_digest(tensor: Tensor) -> str:
     tensor = tensor.detach()
     shape = tuple(getattr(tensor, "ds_shape", tensor.shape))
     head = f"{tensor.dtype}{shape}"
-    if tensor.numel() == 0 or tensor.device.type == "meta":
-        # e.g. a ZeRO-3 partitioned placeholder: only its shape is known here
-        return _digest(b"empty:" + head.encode())
+    if tensor.device.type == "meta" or (tensor.numel() == 0 and math.prod(shape) > 0):
+        # A ZeRO-3 partitioned placeholder or an offloaded (meta) weight: its values are not here, and a
+        # digest of the shape alone would accept a stale cache.
+        raise CachedAnchorsError(
+            f"cannot fingerprint {name or 'a weight'} {head}: its values are not on this process (a meta tensor, "
+            "e.g. offloaded by device_map, or a DeepSpeed ZeRO-3 partition), so cached anchors cannot be checked "
+            "against the model. Compute and check them on the full model: build the cache before sharding / "
+            "offloading (add_cached_anchors on a model with its weights in memory), gather the parameters "
+            "(deepspeed.zero.GatheredParameters), or train with anchors='online'"
+        )
     flat = tensor.contiguous().reshape(-1)
     if flat.is_complex():
         flat = torch.view_as_real(flat).reshape(-1)
@@ -203,19 +222,9 @@ def _adapter_tensor_ids(bare: nn.Module) -> set[int]:
     return ids
 
 
-def model_fingerprint_parts(
-    model: nn.Module, layers: list[int] | None = None, *, layers_path: str | None = None
-) -> dict[str, str]:
-    """{part: digest} of everything that can change the guarded layers' inputs or outputs.
-
-    Parts: ``config`` (minus run-time switches) and, by name relative to the transformers
-    model, every parameter and floating buffer IN FULL (``tensor_digest``) except the decoder
-    layers above the last of ``layers`` (they run after it) and the output head (unless tied
-    to the input embedding).  Covered, conservatively: the embedding, rotary/positional
-    modules, every decoder layer up to the last guarded one, and sibling modules such as the
-    final norm.  PEFT adapter weights are left out (anchors come from the frozen weights)
-    and wrapped weights keep their plain names, so wrapping does not change it.
-    """
+def _anchor_tensors(model: nn.Module, layers: list[int] | None, layers_path: str | None) -> list[tuple[str, Tensor]]:
+    """(plain name, tensor) of every parameter and floating buffer that can change the guarded layers'
+    inputs or outputs, adapter weights excluded (see ``model_fingerprint_parts``)."""
     from .model_utils import find_decoder_layers_path, unwrap_model
 
     bare = unwrap_model(model)
@@ -231,14 +240,37 @@ def model_fingerprint_parts(
         embeddings = bare.get_input_embeddings() if hasattr(bare, "get_input_embeddings") else None
         tied = set() if embeddings is None else {id(t) for t in embeddings.parameters()}
         skip.update(id(t) for t in output.parameters() if id(t) not in tied)
-
-    parts = {"config": _digest(json.dumps(_config_identity(getattr(bare, "config", None)), sort_keys=True).encode())}
     named = [(name, t) for name, t in bare.named_parameters()]
     named += [(name, t) for name, t in bare.named_buffers() if t.is_floating_point() or t.is_complex()]
-    for name, tensor in named:
-        if id(tensor) in skip:
-            continue
-        parts[_normalise(name)] = tensor_digest(tensor)
+    return [(_normalise(name), tensor) for name, tensor in named if id(tensor) not in skip]
+
+
+def trainable_anchor_weights(model: nn.Module, layers: list[int], *, layers_path: str | None = None) -> list[str]:
+    """Names of the trainable (``requires_grad``) weights that the frozen anchor pass runs through:
+    not adapter weights, at or below the last of ``layers``.  Online anchors move with them, so a
+    guard over them compares the model with itself (the penalty stays 0)."""
+    return [name for name, tensor in _anchor_tensors(model, layers, layers_path) if tensor.requires_grad]
+
+
+def model_fingerprint_parts(
+    model: nn.Module, layers: list[int] | None = None, *, layers_path: str | None = None
+) -> dict[str, str]:
+    """{part: digest} of everything that can change the guarded layers' inputs or outputs.
+
+    Parts: ``config`` (minus run-time switches) and, by name relative to the transformers
+    model, every parameter and floating buffer IN FULL (``tensor_digest``) except the decoder
+    layers above the last of ``layers`` (they run after it) and the output head (unless tied
+    to the input embedding).  Covered, conservatively: the embedding, rotary/positional
+    modules, every decoder layer up to the last guarded one, and sibling modules such as the
+    final norm.  PEFT adapter weights are left out (anchors come from the frozen weights)
+    and wrapped weights keep their plain names, so wrapping does not change it.
+    """
+    from .model_utils import unwrap_model
+
+    bare = unwrap_model(model)
+    parts = {"config": _digest(json.dumps(_config_identity(getattr(bare, "config", None)), sort_keys=True).encode())}
+    for name, tensor in _anchor_tensors(model, layers, layers_path):
+        parts[name] = tensor_digest(tensor, name=name)
     return dict(sorted(parts.items()))
 
 

@@ -19,6 +19,14 @@ Per-layer metadata:
   harmful-minus-harmless-mean variance the basis captures (the mean difference counts).
 * ``separation``: (mean(H r) - mean(L r)) / pooled std of the projections on r, i.e. how
   many pooled standard deviations apart the two sets are along the first direction.
+* ``coord_spread``: the typical size of one cone coordinate at this layer,
+  sqrt(mean_j s_j^2) with s_j^2 the pooled within-set variance of the projections on column j
+  (harmful and harmless prompts each centred on their own mean, n_H + n_L - 2 degrees of
+  freedom).  ``RefusalGuard`` measures drift in these units (``coef_units="spread"``): the
+  drift term is divided by spread^2 and the Gram term by spread^4, so a coefficient means the
+  same on a model whose residual stream is 100x larger.  Read at the extraction positions
+  (the last prompt token or the post-instruction tokens), never at the first token, whose
+  attention-sink activations can be ~100x larger than the rest.
 """
 
 from __future__ import annotations
@@ -69,7 +77,7 @@ MAX_K = 64
 
 _FORMAT = "refusalguard-basis"
 _FORMAT_VERSION = "1"
-_PER_LAYER_KEYS = ("explained_share", "separation")
+_PER_LAYER_KEYS = ("explained_share", "separation", "coord_spread")
 
 
 def _layer_key(layer: int) -> str:
@@ -85,7 +93,8 @@ class RefusalBasis:
             (the first column is the difference-of-means direction).
         metadata: ``model_name``, ``hidden_size``, ``method``, ``positions``, ``k``,
             ``layers``, ``n_harmful``, ``n_harmless``, and per layer (dicts keyed by layer
-            index) ``explained_share`` and ``separation``; free-form keys are kept.
+            index) ``explained_share``, ``separation`` and ``coord_spread`` (bases saved before
+            0.3 have no ``coord_spread``); free-form keys are kept.
 
     Construction checks the bases (same d x k everywhere, finite, orthonormal within
     ``ORTHONORMAL_ATOL``) and converts them to float32.  ``save``/``load`` use one
@@ -150,6 +159,16 @@ class RefusalBasis:
     @property
     def k(self) -> int:
         return next(iter(self.bases.values())).shape[1]
+
+    def coord_spread(self, layer: int) -> float | None:
+        """The pooled within-set standard deviation of the extraction prompts' cone coordinates at
+        ``layer`` (see the module docstring), or None for a basis made without it (before 0.3, or
+        built by hand)."""
+        spread = self.metadata.get("coord_spread")
+        value = spread.get(layer) if isinstance(spread, dict) else None
+        if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+            return float(value)
+        return None
 
     def __getitem__(self, layer: int) -> Tensor:
         return self.bases[layer]
@@ -382,7 +401,9 @@ def _collect(model, layer_modules, layers, encoded, batch_size, pad_id, device, 
     return {i: torch.cat(rows[i]) for i in layers}
 
 
-def _layer_basis(harmful: Tensor, harmless: Tensor, k: int, method: str, layer: int) -> tuple[Tensor, float, float]:
+def _layer_basis(
+    harmful: Tensor, harmless: Tensor, k: int, method: str, layer: int
+) -> tuple[Tensor, float, float, float]:
     h = harmful.to(torch.float64)
     l = harmless.to(torch.float64)
     mean_h, mean_l = h.mean(0), l.mean(0)
@@ -418,9 +439,12 @@ def _layer_basis(harmful: Tensor, harmless: Tensor, k: int, method: str, layer: 
         )
         gap = float(proj_h.mean() - proj_l.mean())
         separation = gap / pooled if pooled > 0 else math.inf
+        coords_h, coords_l = h @ basis, l @ basis
+        within = ((coords_h - coords_h.mean(0)) ** 2).sum(0) + ((coords_l - coords_l.mean(0)) ** 2).sum(0)
+        spread = math.sqrt(float(within.mean()) / dof)
     else:
-        separation = math.nan
-    return basis.to(torch.float32), explained, separation
+        separation = spread = math.nan
+    return basis.to(torch.float32), explained, separation, spread
 
 
 def extract_refusal_basis(
@@ -523,9 +547,11 @@ def extract_refusal_basis(
         for module, training in modes.items():
             module.training = training
 
-    bases, explained, separation = {}, {}, {}
+    bases, explained, separation, spread = {}, {}, {}, {}
     for layer in layers:
-        bases[layer], explained[layer], separation[layer] = _layer_basis(acts_h[layer], acts_l[layer], k, method, layer)
+        bases[layer], explained[layer], separation[layer], spread[layer] = _layer_basis(
+            acts_h[layer], acts_l[layer], k, method, layer
+        )
     metadata = {
         "model_name": model_name(model),
         "hidden_size": hidden_size,
@@ -537,6 +563,7 @@ def extract_refusal_basis(
         "n_harmless": len(harmless),
         "explained_share": explained,
         "separation": separation,
+        "coord_spread": spread,
         "layers_path": found_path,
         "chat_template": has_chat_template(tokenizer),
     }

@@ -27,10 +27,27 @@ How it behaves:
   same computation but records nothing.  Reentrant checkpointing that runs hooks under
   no_grad is an error telling you to pass
   ``gradient_checkpointing_kwargs={"use_reentrant": False}``.
-* Layers: ``penalty()`` is the SUM of the hooked layers' losses by default, so the
-  effective coefficient grows with the number of guarded layers (a basis on 8 layers
-  pulls 8x as hard as one on 1).  ``layer_reduction="mean"`` divides by the number of
-  layers, making ``drift_coef``/``gram_coef`` independent of how many layers are guarded.
+* Units (``coef_units``): with a basis that records each layer's ``coord_spread`` (every
+  basis ``extract_refusal_basis`` makes), the drift term is measured in that layer's pooled
+  standard deviations (divided by spread^2; the Gram term by spread^4) and the layers are
+  averaged (``layer_reduction="mean"``): ``drift_coef=1`` means a penalty of 1 for guarded
+  tokens that moved one standard deviation on average, whatever the model's activation
+  scale or depth.  ``coef_units="raw"`` (and bases without a spread: hand-built, or saved by
+  0.2, with a warning) keeps 0.2's meaning: raw coordinates, summed over layers.
+* Layers: with ``layer_reduction="sum"`` the effective coefficient grows with the number of
+  guarded layers (a basis on 8 layers pulls 8x as hard as one on 1); ``"mean"`` divides by
+  the number of layers, making ``drift_coef``/``gram_coef`` independent of it.
+* Attention sinks: ``exclude_first=1`` (default) never guards the first non-padding token of
+  a row under the named ``positions``.  In pre-norm LLMs that token carries massive
+  activations (SmolLM2-135M, layer 16: hidden norm 25,040 against a median of 187, cone
+  coordinate 688 against 4.6) and would otherwise make up most of the penalty's gradient.
+  The first ``arm`` warns when a guarded token's frozen coordinates are still over
+  ``OUTLIER_RATIO`` times the median (another sink).
+* Dropout: anchors come from an eval-mode forward.  When the frozen model's own dropout is
+  active up to the last guarded layer (dropout modules with p > 0 in train mode, attention
+  dropout; not LoRA dropout, see ``dropout_active``), ``penalty_forward`` computes the penalty
+  on a separate eval-mode forward (adapters on, stopped after the last guarded layer), so it
+  sees no dropout noise and is exactly 0 at step 0; the trainer does this by itself.
 * Anchors are always the frozen weights': every PEFT adapter layer (LoRA, DoRA, IA3, ...)
   anywhere in the guarded model's tree is switched off for the anchor pass, whatever
   level the guard is attached to (PeftModel, ``peft_model.base_model``,
@@ -49,6 +66,7 @@ import contextlib
 import inspect
 import math
 import re
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -61,6 +79,7 @@ from .basis import RefusalBasis
 from .model_utils import (
     _autocast_off,
     _StopForward,
+    adapter_layers,
     find_decoder_layers_path,
     frozen_weights,
     layer_hidden,
@@ -68,7 +87,7 @@ from .model_utils import (
     unwrap_model,
 )
 
-__all__ = ["RefusalGuard", "GUARD_BATCH_KEYS", "LAYER_REDUCTIONS", "parse_positions"]
+__all__ = ["RefusalGuard", "GUARD_BATCH_KEYS", "LAYER_REDUCTIONS", "COEF_UNITS", "OUTLIER_RATIO", "parse_positions"]
 
 #: batch keys the guard/trainer read that the model does not take; ``model_inputs`` drops them.
 GUARD_BATCH_KEYS = ("prompt_lengths", "refusalguard_anchors", "completion_mask", "assistant_masks")
@@ -76,6 +95,11 @@ GUARD_BATCH_KEYS = ("prompt_lengths", "refusalguard_anchors", "completion_mask",
 RESPONSE_MASK_KEYS = ("completion_mask", "assistant_masks")
 IGNORE_INDEX = -100
 LAYER_REDUCTIONS = ("sum", "mean")
+#: how drift_coef / gram_coef are read: "spread" (per layer, in the basis' coord_spread units,
+#: layers averaged), "raw" (0.2: raw coordinates, layers summed), "auto" (spread when the basis has it).
+COEF_UNITS = ("auto", "spread", "raw")
+#: the first arm() warns when a guarded token's frozen coordinates exceed this multiple of the median.
+OUTLIER_RATIO = 25.0
 
 _NAMED_POSITIONS = ("all", "prompt", "response")
 _REFT_RE = re.compile(r"^(?:f(\d+)\+l(\d+)|f(\d+)|l(\d+))$")
@@ -117,6 +141,39 @@ def _check_coef(name: str, value: float) -> float:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0; got {value}")
     return value
+
+
+def _coef_scales(basis: RefusalBasis, coef_units: str) -> tuple[str, dict[int, tuple[float, float]]]:
+    """(resolved units, {layer: (drift scale, gram scale)}) for ``coef_units``."""
+    if coef_units not in COEF_UNITS:
+        raise ValueError(
+            f"unknown coef_units {coef_units!r}; choose 'auto', 'spread' (coefficients per squared pooled standard "
+            "deviation of the cone coordinates) or 'raw' (raw coordinates, 0.2's meaning)"
+        )
+    spreads = {layer: basis.coord_spread(layer) for layer in basis.layers}
+    missing = [layer for layer, spread in spreads.items() if spread is None]
+    if coef_units == "spread" and missing:
+        raise ValueError(
+            f"coef_units='spread' but the basis records no coord_spread for layers {missing} (saved before 0.3 or "
+            "built by hand): re-extract it (extract_refusal_basis / `refusalguard extract`), or pass coef_units='raw' "
+            "to use the coefficients on raw coordinates (their effect then depends on the model's activation scale)"
+        )
+    if coef_units == "auto":
+        if missing:
+            warnings.warn(
+                f"this refusal basis records no coord_spread for layers {missing} (saved before 0.3 or built by hand), "
+                "so drift_coef/gram_coef act on raw coordinates, summed over layers (0.2's meaning, whose scale "
+                "depends on the model); re-extract the basis for model-independent coefficients, or pass "
+                "coef_units='raw' to silence this",
+                UserWarning,
+                stacklevel=3,
+            )
+            coef_units = "raw"
+        else:
+            coef_units = "spread"
+    if coef_units == "raw":
+        return "raw", {layer: (1.0, 1.0) for layer in basis.layers}
+    return "spread", {layer: (spread**-2, spread**-4) for layer, spread in spreads.items()}
 
 
 def _in_backward() -> bool:
@@ -161,14 +218,26 @@ class RefusalGuard:
             "prompt" / "response" (split by ``batch["prompt_lengths"]``, else by
             ``labels == -100``), "fN+lM" (first N and last M prompt tokens), or a fixed
             [batch, seq] weight tensor.
-        drift_coef, gram_coef: coefficients of the drift and Gram terms (see ``reference.py``).
+        drift_coef, gram_coef: coefficients of the drift and Gram terms (see ``reference.py``),
+            in ``coef_units``.
         backend: core backend ("auto", "torch", "triton", "cuda").
-        layer_reduction: how ``penalty()`` combines the hooked layers: "sum" (default; the
-            effective coefficient grows with the number of layers) or "mean" (sum / n_layers).
+        coef_units: "auto" (default): "spread" when every layer of the basis records its
+            ``coord_spread`` (bases from ``extract_refusal_basis``), else "raw" with a warning.
+            "spread": layer i's kernel coefficients are ``drift_coef / spread_i**2`` and
+            ``gram_coef / spread_i**4``, so the drift term is the mean squared movement in the
+            extraction prompts' pooled standard deviations.  "raw": the coefficients as given
+            (0.2's meaning; the scale then depends on the model's activations).
+        layer_reduction: how ``penalty()`` combines the hooked layers: "sum" (the effective
+            coefficient grows with the number of layers) or "mean" (sum / n_layers); default
+            "mean" in spread units, "sum" in raw units (0.2's behaviour).
+        exclude_first: the first N non-padding tokens of each row are never guarded under the
+            named positions (attention sinks; see the module docstring); default 1, 0 guards
+            them.  A weight-tensor ``positions`` is used as given.
         layers_path: dotted path to the decoder layer list, when it cannot be found.
 
     Raises ValueError for a basis of another hidden size, layers beyond the model, an
-    unknown ``positions``, and a model whose layers cannot be found.
+    unknown ``positions``, ``coef_units="spread"`` with a basis that has no spread, and a
+    model whose layers cannot be found.
     """
 
     def __init__(
@@ -180,7 +249,9 @@ class RefusalGuard:
         drift_coef: float = 1.0,
         gram_coef: float = 0.0,
         backend: str = "auto",
-        layer_reduction: str = "sum",
+        coef_units: str = "auto",
+        layer_reduction: str | None = None,
+        exclude_first: int = 1,
         layers_path: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -191,12 +262,23 @@ class RefusalGuard:
             )
         if backend not in BACKENDS + ("auto",):
             raise ValueError(f"unknown backend {backend!r}; choose one of 'auto', 'torch', 'triton', 'cuda'")
-        if layer_reduction not in LAYER_REDUCTIONS:
+        if layer_reduction is not None and layer_reduction not in LAYER_REDUCTIONS:
             raise ValueError(
                 f"unknown layer_reduction {layer_reduction!r}; choose 'sum' (penalty summed over the guarded layers) "
                 "or 'mean' (divided by their number)"
             )
+        if isinstance(exclude_first, bool) or not isinstance(exclude_first, int) or exclude_first < 0:
+            raise ValueError(f"exclude_first must be an int >= 0 (leading tokens never guarded); got {exclude_first!r}")
+        self.exclude_first = exclude_first
+        self.coef_units, self._coef_scales = _coef_scales(basis, coef_units)
+        if layer_reduction is None:
+            layer_reduction = "mean" if self.coef_units == "spread" else "sum"
         self.layer_reduction = layer_reduction
+        self._outliers_checked = False
+        # Value checks that need a host sync run synchronously the first time (a misconfiguration shows at once)
+        # and are deferred afterwards: flags stay on the device until check_pending() (the trainer's log step).
+        self._checked_once: set[str] = set()
+        self._pending: dict[str, tuple[Tensor, str]] = {}
         self.model = model
         self.basis = basis
         self.positions = parse_positions(positions)
@@ -249,8 +331,15 @@ class RefusalGuard:
         positions = self.positions if not isinstance(self.positions, Tensor) else "tensor"
         return (
             f"RefusalGuard(layers={self.layers}, k={self.k}, positions={positions!r}, drift_coef={self.drift_coef}, "
-            f"gram_coef={self.gram_coef}, backend={self.backend!r}, layer_reduction={self.layer_reduction!r}, {state})"
+            f"gram_coef={self.gram_coef}, coef_units={self.coef_units!r}, layer_reduction={self.layer_reduction!r}, "
+            f"exclude_first={self.exclude_first}, backend={self.backend!r}, {state})"
         )
+
+    def kernel_coefs(self, layer: int) -> tuple[float, float]:
+        """(drift_coef, gram_coef) as the penalty op gets them at ``layer``: the coefficients
+        divided by ``coord_spread**2`` / ``**4`` in spread units, as given in raw units."""
+        drift_scale, gram_scale = self._coef_scales[layer]
+        return self.drift_coef * drift_scale, self.gram_coef * gram_scale
 
     # ------------------------------------------------------------------ batch helpers
 
@@ -269,7 +358,14 @@ class RefusalGuard:
         batch has them, else ``labels != -100``.  With a mask, "response" is exactly the
         masked tokens (every assistant turn of a multi-turn chat, not the turns between) and
         "prompt" the tokens before the first of them.  "fN+lM": the first N and last M prompt
-        tokens.  A tensor ``positions`` is returned as is (its shape must match the batch).
+        tokens.  Under every named choice the first ``exclude_first`` non-padding tokens of a row
+        get weight 0 (attention sinks).  A tensor ``positions`` is returned as is (its shape must
+        match the batch).
+
+        A boundary that cannot be honoured is an error, never a silent all-or-nothing weight: when
+        no row of the batch has a prompt token by its ``prompt_lengths`` / masks / labels (e.g.
+        ``labels = input_ids``, or TRL without a completion or assistant mask), "prompt",
+        "response" and "fN+lM" raise ValueError naming the fixes.
         """
         shape, device = self._batch_shape(batch)
         if isinstance(self.positions, Tensor):
@@ -283,10 +379,15 @@ class RefusalGuard:
         mask = torch.ones(shape, device=device) if mask is None else mask.to(device=device, dtype=torch.float32)
         if tuple(mask.shape) != shape:
             raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {shape}")
-        if self.positions == "all":
-            return mask
-        start, prompt_len = self._prompt_bounds(batch, mask)
         offsets = torch.arange(shape[1], device=device)[None, :]
+        if self.positions == "all":
+            if not self.exclude_first:
+                return mask
+            start, _ = self._row_starts(mask)
+            return mask * (offsets >= (start + self.exclude_first)[:, None]).to(torch.float32)
+        start, prompt_len = self._prompt_bounds(batch, mask)
+        self._check("boundary", ~(prompt_len > 0).any(), self._no_boundary_message(batch))
+        kept = offsets >= (start + self.exclude_first)[:, None]
         start, end = start[:, None], (start + prompt_len)[:, None]
         in_prompt = (offsets >= start) & (offsets < end)
         if self.positions == "prompt":
@@ -297,7 +398,24 @@ class RefusalGuard:
         else:
             first, last = self.positions
             chosen = in_prompt & ((offsets < start + first) | (offsets >= end - last))
-        return chosen.to(torch.float32) * mask
+        return (chosen & kept).to(torch.float32) * mask
+
+    def _no_boundary_message(self, batch: dict) -> str:
+        if batch.get("prompt_lengths") is not None:
+            source = "its prompt_lengths are all 0"
+        elif any(batch.get(key) is not None for key in RESPONSE_MASK_KEYS):
+            source = "its completion/assistant mask covers every token"
+        else:
+            source = "its labels train on every token (no -100 outside padding, e.g. labels = input_ids)"
+        return (
+            f"positions={self.positions!r} needs the prompt/response boundary, but no row of this batch has a prompt "
+            f"token: {source}, so the guard would weigh "
+            + ("every token, the system prompt included" if self.positions == "response" else "no token at all")
+            + ". Fix: tokenize prompt/response pairs so the prompt is masked (tokenize_dataset with prompt and "
+            "response fields, or `refusalguard train --prompt-field/--response-field`); with TRL, a prompt/completion "
+            "dataset (completion_only_loss) or a chat template with {% generation %} markers and "
+            "assistant_only_loss=True; or put prompt_lengths in the batch; or use positions='all'"
+        )
 
     @staticmethod
     def _batch_shape(batch: dict) -> tuple[tuple[int, int], torch.device]:
@@ -329,11 +447,16 @@ class RefusalGuard:
             raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(mask.shape)}")
         return (labels.to(mask.device) != IGNORE_INDEX) & (mask > 0)
 
-    def _prompt_bounds(self, batch: dict, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """(first non-padding index, number of prompt tokens) per row, LongTensors [batch]."""
+    @staticmethod
+    def _row_starts(mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(first non-padding index, number of non-padding tokens) per row, LongTensors [batch]."""
         present = mask > 0
         lengths = present.sum(1)
-        start = torch.where(present.any(1), present.to(torch.int8).argmax(1), torch.zeros_like(lengths))
+        return torch.where(present.any(1), present.to(torch.int8).argmax(1), torch.zeros_like(lengths)), lengths
+
+    def _prompt_bounds(self, batch: dict, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """(first non-padding index, number of prompt tokens) per row, LongTensors [batch]."""
+        start, lengths = self._row_starts(mask)
         prompt_lengths = batch.get("prompt_lengths")
         if prompt_lengths is not None:
             prompt_lengths = torch.as_tensor(prompt_lengths, device=mask.device).long().reshape(-1)
@@ -393,14 +516,7 @@ class RefusalGuard:
         inputs = self.model_inputs(batch)
         inputs.pop("labels", None)
         target = self._frozen_target(model)
-        try:
-            parameters = inspect.signature(unwrap_model(target).forward).parameters
-        except (TypeError, ValueError):
-            parameters = {}
-        if "logits_to_keep" in parameters and "logits_to_keep" not in inputs:
-            inputs["logits_to_keep"] = 1
-        if "use_cache" in parameters and "use_cache" not in inputs:
-            inputs["use_cache"] = False
+        self._add_forward_options(target, inputs)
         if id(target) not in self._sharded_cache:
             self._sharded_cache[id(target)] = _sharded(target)
         modes = {module: module.training for module in target.modules()}
@@ -424,13 +540,40 @@ class RefusalGuard:
             raise RuntimeError(
                 f"the frozen forward did not reach layers {missing}; check layers_path={self.layers_path!r}"
             )
-        bad = torch.stack([~torch.isfinite(captured[layer]).all() for layer in self.layers])
-        if bad.any():
-            layers = [layer for layer, flag in zip(self.layers, bad.tolist()) if flag]
-            raise ValueError(
-                f"the frozen model produced NaN/Inf activations at layers {layers}; check the model and inputs"
-            )
+        bad = [~torch.isfinite(captured[layer]).all() for layer in self.layers]
+        device = bad[0].device
+        self._check(
+            "anchors",
+            torch.stack([flag.to(device) for flag in bad]).any(),
+            f"the frozen model produced NaN/Inf activations at one of the guarded layers {self.layers}; check the "
+            "model and inputs",
+        )
         return captured
+
+    def _check(self, key: str, bad: Tensor, message: str) -> None:
+        """Raise ValueError(message) when the 0-dim bool ``bad`` is True: at once the first time for ``key`` (one
+        host sync), afterwards at the next ``check_pending()`` (flags accumulate on the device, no sync)."""
+        if key not in self._checked_once:
+            self._checked_once.add(key)
+            if bool(bad):
+                raise ValueError(message)
+            return
+        pending = self._pending.get(key)
+        self._pending[key] = (bad if pending is None else pending[0] | bad.to(pending[0].device), message)
+
+    def check_pending(self) -> None:
+        """Raise the deferred value checks that failed since the last call (one host sync for all of them):
+        NaN/Inf anchors, a batch with no prompt token under positions 'prompt'/'response'/'fN+lM'.  The first
+        batch is always checked at once; ``RefusalGuardTrainer`` calls this at each log step, ``layer_losses()``
+        too.  Call it in your own loop where you read values back anyway."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        device = next(iter(pending.values()))[0].device
+        flags = torch.stack([bad.to(device) for bad, _ in pending.values()]).tolist()
+        for (_, message), flag in zip(pending.values(), flags):
+            if flag:
+                raise ValueError(message)
 
     # ------------------------------------------------------------------ arming
 
@@ -478,10 +621,117 @@ class RefusalGuard:
             with _autocast_off():
                 for layer in self.layers:
                     check_values(self._bases[layer], anchors[layer], weight)
+        if not self._outliers_checked:
+            self._outliers_checked = True  # once per guard: it costs a host sync
+            self._warn_outliers(anchors, weight)
         self._anchors = {layer: anchors[layer].detach() for layer in self.layers}
         self._weight = None if weight is None else weight.detach()
         self._losses = {}
         self._mode = "armed"
+
+    def _warn_outliers(self, anchors: dict[int, Tensor], weight: Tensor | None) -> None:
+        """Warn when a guarded token's frozen coordinates dwarf the others' (an attention sink the
+        position rule did not exclude): such a token would make up most of the penalty.  One host
+        read-back for all layers (more only to word a warning)."""
+        stats = []
+        for layer in self.layers:
+            with _autocast_off():
+                norms = anchors[layer].detach().float().norm(dim=-1)
+            guarded = torch.ones_like(norms, dtype=torch.bool) if weight is None else weight.to(norms.device) > 0
+            values = norms[guarded]
+            if values.numel() < 4:
+                continue
+            median, worst = values.median(), values.max()
+            ratio = torch.where(median > 0, worst / median.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+            stats.append((layer, norms, guarded, median, worst, ratio))
+        if not stats:
+            return
+        device = stats[0][5].device
+        ratios = torch.stack([entry[5].to(device) for entry in stats]).tolist()
+        for (layer, norms, guarded, median, worst, _), ratio in zip(stats, ratios):
+            if ratio > OUTLIER_RATIO:
+                index = int((norms * guarded).reshape(-1).argmax())
+                row, position = divmod(index, norms.shape[-1])
+                warnings.warn(
+                    f"layer {layer}: a guarded token (row {row}, position {position}) has frozen cone coordinates of "
+                    f"norm {float(worst):.3g}, {ratio:.0f}x the median guarded token's ({float(median):.3g}); a "
+                    "token with massive activations (an attention sink) would dominate the penalty and its "
+                    "gradient. Exclude it: RefusalGuard(..., exclude_first=N) for leading tokens, or a [batch, seq] "
+                    "positions weight tensor",
+                    UserWarning,
+                    stacklevel=3,
+                )
+                return
+
+    def dropout_active(self, model: nn.Module | None = None) -> bool:
+        """True when a training forward of ``model`` (default: the guarded one) applies the frozen
+        model's own dropout at or below the last guarded layer: a dropout module with p > 0 in train
+        mode (embedding, residual, attention dropout modules) or an attention module with
+        ``attention_dropout > 0`` in train mode.  Then the guarded hidden states carry dropout noise
+        that the eval-mode anchors do not (the step-0 penalty is not 0), and the penalty belongs on a
+        separate eval-mode forward (``penalty_forward``).  Dropout inside adapter layers (LoRA
+        dropout) does not count: the adapter adds exactly 0 at step 0."""
+        target = self._frozen_target(model)
+        _, layer_modules = find_decoder_layers_path(target, self.layers_path)
+        skip = {id(m) for index, layer in enumerate(layer_modules) if index > self._last_layer for m in layer.modules()}
+        # LoRA dropout is left to the shared forward: the adapter is 0 at step 0 (exact zero penalty anyway), and its
+        # noise is the kind the task loss sees too, not worth a second forward (measured in docs/guard_scale.md).
+        for _, adapter in adapter_layers(target):
+            base = adapter.get_base_layer() if hasattr(adapter, "get_base_layer") else None
+            kept = set() if base is None else {id(m) for m in base.modules()}
+            skip.update(id(m) for m in adapter.modules() if id(m) not in kept)
+        for module in target.modules():
+            if id(module) in skip or not module.training:
+                continue
+            if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+                return True
+            rate = getattr(module, "attention_dropout", None)  # Llama-style attention: functional dropout
+            if isinstance(rate, float) and rate > 0:
+                return True
+        return False
+
+    def penalty_forward(self, *, model: nn.Module | None = None, **batch) -> Tensor:
+        """The armed penalty from a forward of ``model`` (default: the guarded one) in eval mode:
+        dropout off, adapters as they are, autograd on, stopped after the last guarded layer
+        (not under FSDP / ZeRO-3).  Each module's mode is restored afterwards.
+
+        Use it when ``dropout_active()``: run this, ``disarm()``, then the task forward as usual,
+        and add both losses.  The penalty then measures how the trained model's deterministic
+        function moved, not dropout noise, and is exactly 0 at step 0.  Costs one partial
+        forward and its backward.
+        """
+        if self._mode != "armed":
+            raise RuntimeError("penalty_forward needs an armed guard: call guard.arm(anchors, weight) first")
+        inputs = self.model_inputs(batch)
+        inputs.pop("labels", None)
+        target = self._frozen_target(model)
+        self._add_forward_options(target, inputs)
+        if id(target) not in self._sharded_cache:
+            self._sharded_cache[id(target)] = _sharded(target)
+        modes = {module: module.training for module in target.modules()}
+        self._stop_early = not self._sharded_cache[id(target)]
+        try:
+            target.eval()
+            try:
+                target(**inputs)
+            except _StopForward:
+                pass
+        finally:
+            self._stop_early = False
+            for module, training in modes.items():
+                module.training = training
+        return self.penalty()
+
+    @staticmethod
+    def _add_forward_options(target: nn.Module, inputs: dict) -> None:
+        try:
+            parameters = inspect.signature(unwrap_model(target).forward).parameters
+        except (TypeError, ValueError):
+            parameters = {}
+        if "logits_to_keep" in parameters and "logits_to_keep" not in inputs:
+            inputs["logits_to_keep"] = 1
+        if "use_cache" in parameters and "use_cache" not in inputs:
+            inputs["use_cache"] = False
 
     def disarm(self) -> None:
         """Hooks back to identity; ``penalty()`` still returns the last armed forward's value."""
@@ -510,7 +760,9 @@ class RefusalGuard:
 
     def layer_losses(self) -> dict[int, float]:
         """{layer: loss} of the latest armed forward as Python floats (for logging; syncs with the
-        device -- ``layer_loss_values`` is the form that does not)."""
+        device -- ``layer_loss_values`` is the form that does not -- and raises any failed deferred
+        check, see ``check_pending``)."""
+        self.check_pending()
         layers, values = self.layer_loss_values()
         return dict(zip(layers, values.tolist()))
 
@@ -575,14 +827,15 @@ class RefusalGuard:
             weight = self._weight
             if weight is not None:
                 weight = weight.to(hidden.device)
+            drift_coef, gram_coef = self.kernel_coefs(layer)
             with autocast_off:
                 hidden_out, loss = guard_op(
                     hidden,
                     basis,
                     anchors.to(hidden.device),
                     weight,
-                    drift_coef=self.drift_coef,
-                    gram_coef=self.gram_coef,
+                    drift_coef=drift_coef,
+                    gram_coef=gram_coef,
                     backend=self.backend,
                     validate=False,
                 )
@@ -590,6 +843,8 @@ class RefusalGuard:
                 if layer == self._first_layer:
                     self._losses = {}
                 self._losses[layer] = loss
+                if self._stop_early and layer == self._last_layer:
+                    raise _StopForward  # penalty_forward: nothing above this layer is needed
             if hidden_out is hidden:
                 return None
             return replace_layer_hidden(output, hidden_out)

@@ -43,7 +43,13 @@ import torch
 from torch import Tensor
 from transformers import Trainer
 
-from ..integration.anchors import ANCHOR_COLUMN, AnchorCollator, anchor_column_names, check_cached_anchors
+from ..integration.anchors import (
+    ANCHOR_COLUMN,
+    AnchorCollator,
+    anchor_column_names,
+    check_cached_anchors,
+    trainable_anchor_weights,
+)
 from ..integration.hooks import RESPONSE_MASK_KEYS
 
 __all__ = [
@@ -53,10 +59,12 @@ __all__ = [
     "training_autocast_dtype",
     "ANCHOR_MODES",
     "WARMUP_SCHEDULES",
+    "PENALTY_FORWARDS",
 ]
 
 ANCHOR_MODES = ("online", "cached")
 WARMUP_SCHEDULES = ("linear", "cosine")
+PENALTY_FORWARDS = ("auto", "separate", "shared")
 
 
 def warmup_scale(step: int, *, warmup_steps: int, multiplier: float, schedule: str = "linear") -> float:
@@ -128,6 +136,18 @@ class RefusalGuardMixin:
         warmup_schedule: "linear" or "cosine" (see ``warmup_scale``).
         anchor_column: column prefix of the cached anchors.
         save_basis: write the basis beside the model/adapter in ``save_model`` and checkpoints.
+        penalty_forward: "auto" (default): "separate" when the frozen model's own dropout is active
+            at or below the last guarded layer (``guard.dropout_active``: dropout modules, attention
+            dropout; LoRA dropout alone does not count), else "shared".  "shared": the penalty comes from the training forward.
+            "separate": from its own eval-mode forward (``guard.penalty_forward``: no dropout
+            noise in the drift term, exactly 0 at step 0; one partial forward and backward more),
+            and the task loss from the usual train-mode forward.
+
+    Online anchors come from this very model with its adapters off, so the trainable weights must
+    be adapter weights: a base weight that trains at or below the last guarded layer (no PEFT
+    wrapping, full fine-tuning, unfrozen norms) would move the anchors with it and keep the
+    penalty at 0; that is a ValueError naming the weights and the fixes (wrap LoRA, or cached
+    anchors computed before training).
 
     Collator: with none given, the plain Trainer's generic default is replaced by
     ``AnchorCollator(processing_class)`` (pads labels with -100, prompt lengths, cached
@@ -156,6 +176,7 @@ class RefusalGuardMixin:
         warmup_schedule: str = "linear",
         anchor_column: str = ANCHOR_COLUMN,
         save_basis: bool = True,
+        penalty_forward: str = "auto",
         **kwargs,
     ) -> None:
         trainer_name = type(self).__name__
@@ -173,6 +194,11 @@ class RefusalGuardMixin:
             raise ValueError(f"warmup_multiplier must be a finite number >= 0; got {warmup_multiplier}")
         if warmup_schedule not in WARMUP_SCHEDULES:
             raise ValueError(f"unknown warmup_schedule {warmup_schedule!r}; choose 'linear' or 'cosine'")
+        if penalty_forward not in PENALTY_FORWARDS:
+            raise ValueError(
+                f"unknown penalty_forward {penalty_forward!r}; choose 'auto', 'separate' (an eval-mode forward for "
+                "the penalty, no dropout noise) or 'shared' (the training forward)"
+            )
         if not isinstance(model, torch.nn.Module):
             raise ValueError(
                 f"{trainer_name} needs the model the guard is attached to, as a loaded torch module "
@@ -180,8 +206,11 @@ class RefusalGuardMixin:
                 "build RefusalGuard(model, basis), then pass model=model"
             )
 
+        if anchors == "online":
+            _check_anchors_can_differ(model, guard, trainer_name)
         self.guard = guard
         self.anchors_mode = anchors
+        self.penalty_forward = penalty_forward
         self.warmup_steps = warmup_steps
         self.warmup_multiplier = warmup_multiplier
         self.warmup_schedule = warmup_schedule
@@ -308,11 +337,19 @@ class RefusalGuardMixin:
             frozen_inputs = {key: value for key, value in inputs.items() if key != "labels"}
             anchors = self.guard.anchors(model=model, **frozen_inputs)
         self.guard.arm(anchors, weight)
+        separate = self._separate_penalty_forward(model)
+        if separate:
+            # Dropout would put noise into the guarded hidden states that the eval-mode anchors do not have:
+            # the penalty comes from an eval-mode forward of its own, the task loss from the usual one.
+            frozen_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+            penalty = self.guard.penalty_forward(model=model, **frozen_inputs)
+            self.guard.disarm()
         # The base trainer's own loss (TRL's fused LM head, label smoothing, ...).  Ask for the outputs
         # only when our caller does: some trainers run an extra forward for them.
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, **loss_kwargs)
         task_loss, outputs = result if return_outputs else (result, None)
-        penalty = self.guard.penalty()
+        if not separate:
+            penalty = self.guard.penalty()
         scale = self.coef_scale()
         accumulation = (
             getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
@@ -324,6 +361,14 @@ class RefusalGuardMixin:
         loss = task_loss + (scale * per_step) * penalty.to(task_loss.device)
         self._record(task_loss, penalty, scale, scaled, accumulation)
         return (loss, outputs) if return_outputs else loss
+
+    def _separate_penalty_forward(self, model) -> bool:
+        if self.penalty_forward != "auto":
+            return self.penalty_forward == "separate"
+        cache = self.__dict__.setdefault("_dropout_cache", {})
+        if id(model) not in cache:  # the module tree does not change during training
+            cache[id(model)] = self.guard.dropout_active(model)
+        return cache[id(model)]
 
     def training_step(self, model, inputs, *args, **kwargs):
         # The guard stays armed through backward: non-reentrant checkpointing re-runs the hooked
@@ -350,6 +395,7 @@ class RefusalGuardMixin:
         self._guard_scale_now = scale
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        self.guard.check_pending()  # deferred value checks: raised here, where the log reads values back anyway
         steps = round(self._guard_steps)
         if "loss" in logs and self._guard_sums is not None and steps > 0:
             layers = sorted(self._guard_layer_sums)
@@ -381,6 +427,24 @@ class RefusalGuardMixin:
             output_dir = output_dir if output_dir is not None else self.args.output_dir
             os.makedirs(output_dir, exist_ok=True)
             self.guard.basis.save(output_dir)
+
+
+def _check_anchors_can_differ(model, guard, trainer_name: str) -> None:
+    """Online anchors run this model with its adapters off: every trainable weight they pass through
+    must be an adapter's, or the anchors move with training and the penalty is 0 at every step."""
+    trainable = trainable_anchor_weights(model, guard.layers, layers_path=getattr(guard, "layers_path", None))
+    if not trainable:
+        return
+    shown = ", ".join(trainable[:3]) + (f" (+{len(trainable) - 3} more)" if len(trainable) > 3 else "")
+    raise ValueError(
+        f"{trainer_name} with anchors='online' takes the anchors from this model with its adapters switched off, but "
+        f"{len(trainable)} trainable weights up to the last guarded layer are not adapter weights ({shown}): the "
+        "anchors would move with them and the guard would compare the model with itself (penalty 0 at every step). "
+        "Fix: train an adapter and leave the base weights frozen (model = peft.get_peft_model(model, "
+        "LoraConfig(task_type='CAUSAL_LM')) before RefusalGuard(model, basis)), or, to fine-tune those weights, "
+        "precompute fixed anchors before training (dataset = add_cached_anchors(dataset, model, guard)) and pass "
+        "anchors='cached'"
+    )
 
 
 class RefusalGuardTrainer(RefusalGuardMixin, Trainer):
