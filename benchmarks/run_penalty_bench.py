@@ -49,6 +49,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--host", action="store_true", help="add the host section: benchmarks/host_overhead.py, real launches"
     )
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="add to the file of the same name (scripts/gpu_check.sh: one file per session); a row measured "
+        "again replaces the old one; each row keeps the copy bandwidth of its own run",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("these benchmarks need a CUDA GPU; on CPU run `pytest benchmarks/` for the small-size check")
@@ -64,7 +70,9 @@ def main(argv=None) -> int:
     slug = device.replace(" ", "_").replace("/", "_") + "-" + stamp + (f"-{args.tag}" if args.tag else "")
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, slug + ".json")
-    rows = []
+    command = "python benchmarks/run_penalty_bench.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    earlier = _load_for_append(path) if args.append else None
+    rows = [] if earlier is None else earlier["rows"]
     payload = {
         "device": device,
         "date": stamp,
@@ -77,9 +85,12 @@ def main(argv=None) -> int:
         "call_ms = do_bench median without graph (includes its L2-flush memset: not host time, see host)",
         "grid": args.grid,
         "git_commit": git_commit(),
-        "command": "python benchmarks/run_penalty_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": command,
         "rows": rows,
     }
+    if earlier is not None:
+        payload["command"] = f"{earlier['command']} && {command}"
+        payload["grid"] = "full" if "full" in (earlier.get("grid"), args.grid) else args.grid
     cases = grid(args.grid)
     for case in cases:
         for variant in variants:
@@ -89,7 +100,11 @@ def main(argv=None) -> int:
                 continue  # one fp32 row: eager and the kernels (a second compile would cost minutes)
             try:
                 for r in pb.measure(case, variant, copy_gbps, call_overhead=args.grid == "target"):
-                    rows.append(pb.as_dict(r))
+                    row = pb.as_dict(r)
+                    if earlier is not None:  # one file, several runs: each row says its run's copy bandwidth
+                        row["copy_bandwidth_gbps"] = copy_gbps
+                        rows[:] = [old for old in rows if _row_key(old) != _row_key(row)]
+                    rows.append(row)
                     print(
                         f"{variant:>15} {r.mode:>6} N={case.N:<6} d={case.d:<5} k={case.k:<3} {case.dtype:<8} "
                         f"{r.gpu_ms * 1e3:9.1f} us {r.gbps:7.0f} GB/s {r.pct_copy_bw:5.1f}%",
@@ -108,6 +123,21 @@ def main(argv=None) -> int:
     print(f"wrote {path}")
     print_summary(payload)
     return 0
+
+
+def _row_key(row: dict) -> tuple:
+    return (row["variant"], row["mode"], row["N"], row["d"], row["k"], row["dtype"])
+
+
+def _load_for_append(path: str) -> dict | None:
+    """The earlier run's payload to add to (None: no file yet), its rows tagged with their copy bandwidth."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as fh:
+        earlier = json.load(fh)
+    for row in earlier["rows"]:
+        row.setdefault("copy_bandwidth_gbps", earlier["copy_bandwidth_gbps"])
+    return earlier
 
 
 def git_commit() -> str | None:

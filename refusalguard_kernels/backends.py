@@ -17,6 +17,8 @@ from types import ModuleType
 
 import torch
 
+from . import versions
+
 __all__ = ["available_backends", "resolve_backend", "kernel_module", "refresh", "BACKENDS"]
 
 BACKENDS = ("torch", "triton", "cuda")
@@ -118,6 +120,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
                 f"backend='triton' runs on CUDA tensors; these are on {device}. Move them to a GPU, use "
                 "backend='torch', or set TRITON_INTERPRET=1 before importing triton (slow; meant for tests)."
             )
+        if device.type != "cuda":  # the interpreter: it has its own version conflicts
+            versions.require("triton-interpreter")
     if backend == "cuda":
         why = _cuda_extension_error()
         if why is not None:

@@ -9,6 +9,7 @@ Upgrading is a deliberate step, this script:
                                              # the whole suite; prints what changed and the result
     python scripts/deps.py latest --write    # ... and, only if the suite passed, makes that set
                                              # the new constraints.txt (then commit it + CHANGELOG)
+    python scripts/deps.py lowest            # the oldest releases pyproject.toml's ranges admit, the suite
     python scripts/deps.py check             # does this environment match constraints.txt?
     python scripts/deps.py freeze            # this environment, in constraints.txt's format
 
@@ -129,15 +130,29 @@ def cmd_freeze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _conflict_objects(found: dict[str, str]) -> list:
+    # versions.py needs only the standard library: load the file itself, not the package (which imports torch).
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_rg_versions", ROOT / PROJECT / "versions.py")
+    versions = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = versions  # dataclasses look the module up while building the class
+    spec.loader.exec_module(versions)
+    return versions.active_conflicts(found)
+
+
+def known_conflicts(found: dict[str, str]) -> list[str]:
+    """Messages of the feature-level conflicts (refusalguard_kernels/versions.py) a set hits."""
+    return [conflict.message(found) for conflict in _conflict_objects(found)]
+
+
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
     print("+", " ".join(cmd), flush=True)
     return subprocess.run(cmd, **kwargs)
 
 
-def cmd_latest(args: argparse.Namespace) -> int:
-    pinned = read_constraints()
-    torch_version = args.torch or pinned["torch"]
-    env_dir = Path(args.venv or Path(tempfile.gettempdir()) / "refusalguard-latest-venv")
+def _fresh_venv(env_dir: Path, torch_version: str) -> tuple[str, dict]:
+    """A new venv with current pip/setuptools/wheel and the given torch; (python, environment for pip)."""
     if env_dir.exists():
         import shutil
 
@@ -145,25 +160,64 @@ def cmd_latest(args: argparse.Namespace) -> int:
     venv.create(env_dir, with_pip=True)
     python = str(env_dir / "bin" / "python")
     env = {key: value for key, value in os.environ.items() if key not in ("PIP_CONSTRAINT", "PIP_REQUIRE_VIRTUALENV")}
-    pip = [python, "-m", "pip", "install", "-q"]
-    run([*pip, "--upgrade", "pip", "setuptools", "wheel"], check=True, env=env)
-    run([*pip, f"torch=={torch_version}"], check=True, env=env)
+    run([python, "-m", "pip", "install", "-q", "--upgrade", "pip", "setuptools", "wheel"], check=True, env=env)
+    run([python, "-m", "pip", "install", "-q", f"torch=={torch_version}"], check=True, env=env)
+    return python, env
+
+
+def _suite(python: str, env: dict, pytest_args: list[str], label: str) -> int:
+    test = run([python, "-m", "pytest", "tests", "-q", *pytest_args], cwd=ROOT, env={**env, "CI": "true"})
+    verdict = "PASSED" if test.returncode == 0 else f"FAILED (pytest exit {test.returncode})"
+    print(f"\nthe suite on {label}: {verdict}")
+    return test.returncode
+
+
+def lower_bounds() -> dict[str, str]:
+    """``{name: version}``: the ``>=`` floor of every direct dependency in pyproject.toml (extras included)."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    texts = list(project["dependencies"])
+    for extra in project["optional-dependencies"].values():
+        texts += [text for text in extra if not text.startswith(PROJECT)]
+    floors = {}
+    for text in texts:
+        match = re.match(r"\s*([A-Za-z0-9._-]+)\s*(?:\[[^]]*\])?\s*([^;]*)", text)
+        name, spec = canonical(match[1]), match[2]
+        floor = re.search(r">=\s*([0-9][^,\s]*)", spec)
+        exact = re.search(r"==\s*([0-9][^,\s]*)", spec)
+        if exact or floor:
+            floors[name] = (exact or floor)[1]
+    return floors
+
+
+def cmd_latest(args: argparse.Namespace) -> int:
+    pinned = read_constraints()
+    torch_version = args.torch or pinned["torch"]
+    python, env = _fresh_venv(
+        Path(args.venv or Path(tempfile.gettempdir()) / "refusalguard-latest-venv"), torch_version
+    )
     # No constraints: the newest release of everything pyproject.toml's ranges admit (torch aside).
     run(
-        [*pip, "--upgrade", "--upgrade-strategy", "eager", "-e", f"{ROOT}[dev]", f"torch=={torch_version}"],
+        [python, "-m", "pip", "install", "-q", "--upgrade", "--upgrade-strategy", "eager", "--no-build-isolation"]
+        + ["-e", f"{ROOT}[dev]", f"torch=={torch_version}"],
         check=True,
         env=env,
     )
     found = installed(python)
-    rows = diff(pinned, found)
     print(f"\nnewest releases against {CONSTRAINTS.name}:")
-    print_table(rows, "pinned", "newest")
-    test = run([python, "-m", "pytest", "tests", "-q", *args.pytest_args], cwd=ROOT, env={**env, "CI": "true"})
-    verdict = "PASSED" if test.returncode == 0 else f"FAILED (pytest exit {test.returncode})"
-    print(f"\nthe suite on the newest releases: {verdict}")
+    print_table(diff(pinned, found), "pinned", "newest")
+    returncode = _suite(python, env, args.pytest_args, "the newest releases")
+    conflicts = known_conflicts(found)
+    for message in conflicts:
+        print(f"known conflict in the newest set (a feature is skipped or fails): {message}")
     if args.write:
-        if test.returncode != 0:
+        if returncode != 0:
             print(f"{CONSTRAINTS.name} left as it is: the suite did not pass on the newest set.")
+        elif conflicts:
+            print(
+                f"{CONSTRAINTS.name} left as it is: the newest set hits a known conflict; hold a package back by hand."
+            )
         else:
             stamp = datetime.date.today().isoformat()
             note = (
@@ -172,7 +226,40 @@ def cmd_latest(args: argparse.Namespace) -> int:
             )
             write_atomic(CONSTRAINTS, render(found, note))
             print(f"wrote {CONSTRAINTS}: commit it with a CHANGELOG line naming what moved.")
-    return test.returncode
+    return returncode
+
+
+#: The dependencies whose floors `lowest` installs exactly: the ones whose APIs the package uses in depth.
+#: The rest (tokenizers, safetensors, tqdm, ...) are resolved by pip inside pyproject.toml's ranges; torch stays
+#: at the pinned CPU build (older torch releases on PyPI are multi-GB CUDA builds).
+FLOORS_TESTED = ("transformers", "peft", "accelerate", "datasets", "trl", "triton")
+
+
+def cmd_lowest(args: argparse.Namespace) -> int:
+    """The oldest releases pyproject.toml admits for FLOORS_TESTED, the rest resolved by pip; the whole suite."""
+    pinned = read_constraints()
+    torch_version = args.torch or pinned["torch"]
+    floors = {name: version for name, version in lower_bounds().items() if name in FLOORS_TESTED}
+    python, env = _fresh_venv(
+        Path(args.venv or Path(tempfile.gettempdir()) / "refusalguard-lowest-venv"), torch_version
+    )
+    run(
+        [python, "-m", "pip", "install", "-q", "--no-build-isolation", "-e", f"{ROOT}[dev]", f"torch=={torch_version}"]
+        + [f"{name}=={version}" for name, version in sorted(floors.items())],
+        check=True,
+        env=env,
+    )
+    found = installed(python)
+    # A known feature-level conflict in the lowest set is already explained (versions.py): hold its first package
+    # below the conflicting range, so the suite tests the floors rather than the conflict, and say so.
+    holds = [f"{c.package}<{c.versions[2:]}" for c in _conflict_objects(found) if c.versions.startswith(">=")]
+    if holds:
+        print(f"holding back, to avoid known conflicts: {', '.join(holds)}")
+        run([python, "-m", "pip", "install", "-q", *holds], check=True, env=env)
+        found = installed(python)
+    print(f"\nlowest admitted releases against {CONSTRAINTS.name}:")
+    print_table(diff(pinned, found), "pinned", "lowest")
+    return _suite(python, env, args.pytest_args, "the lowest admitted releases")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -183,10 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     latest = sub.add_parser("latest", help="run the suite against the newest releases in a fresh venv")
     latest.add_argument("--venv", help="where to build the venv (default: a fixed folder under the temp dir)")
     latest.add_argument("--torch", help="torch version to install (default: the pinned one)")
-    latest.add_argument("--write", action="store_true", help="on a pass, write the new set to constraints.txt")
+    latest.add_argument(
+        "--write", action="store_true", help="on a pass with no known conflict, write the new set to constraints.txt"
+    )
     latest.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
+    lowest = sub.add_parser("lowest", help="run the suite against pyproject.toml's lower bounds in a fresh venv")
+    lowest.add_argument("--venv", help="where to build the venv (default: a fixed folder under the temp dir)")
+    lowest.add_argument("--torch", help="torch version to install (default: the pinned one)")
+    lowest.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args(argv)
-    return {"check": cmd_check, "freeze": cmd_freeze, "latest": cmd_latest}[args.command](args)
+    commands = {"check": cmd_check, "freeze": cmd_freeze, "latest": cmd_latest, "lowest": cmd_lowest}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ Prints markdown tables (docs/guard_scale.md holds a run):
    the gradient ratio at the first step after step 0 and at the end, the drift left in the cone (mean squared
    movement in pooled standard deviations, at the guarded tokens) against plain LoRA's, and the task loss.
 
-Everything is seeded; bf16 on CPU for SmolLM2 (about 2x faster than float32 there), float32 for the organism.
+Everything is seeded and runs in float32 (bf16 is 2-3x slower than float32 on CPUs without native bf16
+instructions, such as this project's). ``--only timing`` measures that: seconds per SmolLM2 LoRA step in float32
+and under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ def _load(which: str):
         path = fetch_model("smollm2")
         tokenizer = AutoTokenizer.from_pretrained(path)
         tokenizer.padding_side = "right"
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         basis = extract_refusal_basis(model, tokenizer, "builtin:harmful", "builtin:harmless", show_progress=False)
         pairs, lr, targets = PAIRS, 2e-4, None
     else:
@@ -60,6 +62,7 @@ def _load(which: str):
 
         organism = build_organism("quick", show_progress=False)
         model, tokenizer = organism.model, organism.tokenizer
+        tokenizer.padding_side = "right"  # the tables read each row's first token in column 0
         harmful = [p for p, _ in harmful_requests()][:80]
         benign = [p for p, _ in benign_requests()][:80]
         layers = list(range(model.config.num_hidden_layers))
@@ -170,6 +173,7 @@ def ratio_table(model, basis, batches, lr, targets, steps=4) -> list[str]:
         optimizer.step()
         optimizer.zero_grad()
     batch = batches[0]
+    task = _grad_norm(peft(**_inputs(batch)).loss, params)
     rows = [
         "| positions | first token guarded | penalty, raw (0.2) | gradient ratio, raw | penalty, spread (0.3) "
         "| gradient ratio, spread |",
@@ -177,21 +181,22 @@ def ratio_table(model, basis, batches, lr, targets, steps=4) -> list[str]:
     ]
     for positions in ("all", "prompt", "response", "f5+l5"):
         for exclude_first in (0, 1):
-            cells = []
-            for units in ("raw", "spread"):
-                guard = RefusalGuard(
-                    peft, basis, positions=positions, coef_units=units, exclude_first=exclude_first, backend="torch"
-                )
-                guard.arm(guard.anchors(**_inputs(batch)), guard.weights(**batch))
-                out = peft(**_inputs(batch))
-                penalty = guard.penalty()
-                cells += [f"{float(penalty):.4g}", f"{_grad_norm(penalty, params) / _grad_norm(out.loss, params):.3g}"]
-                guard.remove()
+            # One forward in raw units gives both: 0.2's penalty is the sum of the layer losses, 0.3's the mean of
+            # each layer's loss divided by its coord_spread^2 (drift only: gram_coef is 0 by default).
+            guard = RefusalGuard(
+                peft, basis, positions=positions, coef_units="raw", exclude_first=exclude_first, backend="torch"
+            )
+            guard.arm(guard.anchors(**_inputs(batch)), guard.weights(**batch))
+            raw = guard.penalty_forward(**_inputs(batch))
+            spread = sum(guard._losses[i] / basis.coord_spread(i) ** 2 for i in guard.layers) / len(guard.layers)
+            cells = [f"{float(raw.detach()):.4g}", f"{_grad_norm(raw, params) / task:.3g}"]
+            cells += [f"{float(spread.detach()):.4g}", f"{_grad_norm(spread, params) / task:.3g}"]
+            guard.remove()
             rows.append(f"| {positions} | {'yes' if exclude_first == 0 else 'no'} | " + " | ".join(cells) + " |")
     return rows
 
 
-def coef_table(model, basis, batches, lr, targets, coefs, steps=6, positions="all") -> list[str]:
+def coef_table(model, basis, batches, lr, targets, coefs, steps=5, positions="all") -> list[str]:
     from refusalguard_kernels.integration.hooks import RefusalGuard
 
     rows = [
@@ -233,11 +238,77 @@ def coef_table(model, basis, batches, lr, targets, coefs, steps=6, positions="al
     return rows
 
 
+def timing_table(path, tokenizer, batches, steps=8) -> list[str]:
+    """Seconds per LoRA training step (forward + backward + AdamW) in float32 and under bf16 autocast (float32
+    weights, as the Trainer's bf16=True runs): fastest and median of ``steps`` after one warm-up step (the fastest
+    is the least disturbed by other jobs on a shared machine)."""
+    from transformers import AutoModelForCausalLM
+
+    rows = ["| precision | fastest step (s) | median (s) | all steps |", "|---|---|---|---|"]
+    for label, autocast in (("float32", False), ("bf16 autocast", True)):
+        peft = _lora(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), None)
+        params = [p for p in peft.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=2e-4)
+        peft.train()
+        times = []
+        for step in range(steps + 1):
+            start = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                loss = peft(**_inputs(batches[step % 2])).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            if step:
+                times.append(time.perf_counter() - start)
+        rows.append(
+            f"| {label} | {min(times):.2f} | {statistics.median(times):.2f} | {', '.join(f'{t:.2f}' for t in times)} |"
+        )
+    return rows
+
+
+def penalty_forward_table(model, basis, batches, targets, steps=5) -> list[str]:
+    """Seconds per guarded LoRA step with the penalty from the training forward ("shared") and from its own
+    eval-mode forward ("separate", what the trainer does when the frozen model's dropout is active)."""
+    from refusalguard_kernels.integration.hooks import RefusalGuard
+
+    rows = ["| penalty forward | seconds per step (median) | all steps |", "|---|---|---|"]
+    for mode in ("shared", "separate"):
+        peft = _lora(model, targets)
+        params = [p for p in peft.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
+        guard = RefusalGuard(peft, basis, positions="all", backend="torch")
+        peft.train()
+        times = []
+        for step in range(steps + 1):
+            batch = batches[step % 2]
+            start = time.perf_counter()
+            guard.arm(guard.anchors(**_inputs(batch)), guard.weights(**batch))
+            if mode == "separate":
+                penalty = guard.penalty_forward(**_inputs(batch))
+                guard.disarm()
+                loss = peft(**_inputs(batch)).loss
+            else:
+                loss = peft(**_inputs(batch)).loss
+                penalty = guard.penalty()
+            (loss + penalty).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            guard.disarm()
+            if step:
+                times.append(time.perf_counter() - start)
+        guard.remove()
+        rows.append(f"| {mode} | {statistics.median(times):.3f} | {', '.join(f'{t:.3f}' for t in times)} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=("smollm2", "organism"))
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--coefs", default="0.1,1,10,100")
+    parser.add_argument("--coefs", default="0.1,1,10")
+    parser.add_argument(
+        "--only", choices=("sinks", "ratios", "coefs", "timing", "penalty-forward"), default=None, help="one table"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -247,11 +318,23 @@ def main() -> None:
     batches = _batches(tokenizer, pairs)
     spread = ", ".join(f"{layer}: {basis.coord_spread(layer):.3g}" for layer in basis.layers)
     print(f"## {args.model}: layers {basis.layers}, k={basis.k}, coord_spread {{{spread}}}")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, lr {lr}\n")
-    print("\n".join(sink_table(model, basis, batches[0])) + "\n")
-    print("\n".join(ratio_table(model, basis, batches, lr, targets)) + "\n")
-    coefs = [float(c) for c in args.coefs.split(",")]
-    print("\n".join(coef_table(model, basis, batches, lr, targets, coefs)) + "\n")
+    print(
+        f"torch {torch.__version__}, transformers {transformers.__version__}, {args.threads} threads, lr {lr}\n",
+        flush=True,
+    )
+    if args.only in (None, "sinks"):
+        print("\n".join(sink_table(model, basis, batches[0])) + "\n", flush=True)
+    if args.only in (None, "ratios"):
+        print("\n".join(ratio_table(model, basis, batches, lr, targets)) + "\n", flush=True)
+    if args.only in (None, "coefs"):
+        coefs = [float(c) for c in args.coefs.split(",")]
+        print("\n".join(coef_table(model, basis, batches, lr, targets, coefs)) + "\n", flush=True)
+    if args.only == "penalty-forward":
+        print("\n".join(penalty_forward_table(model, basis, batches, targets)) + "\n", flush=True)
+    if args.only == "timing" and args.model == "smollm2":  # no basis needed; _load extracted one anyway
+        from refusalguard_kernels.integration.model_zoo import fetch_model
+
+        print("\n".join(timing_table(fetch_model("smollm2"), tokenizer, batches)) + "\n", flush=True)
     print(f"({time.perf_counter() - start:.0f} s)")
 
 

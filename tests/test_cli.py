@@ -412,3 +412,134 @@ def test_train_resume_errors(models, data, llama_basis, tmp_path, capsys):
     assert code == 2 and "no checkpoint-N folder" in err and "--resume PATH" in err
     code, _, err = run_cli(base + ["--resume", str(tmp_path)], capsys)
     assert code == 2 and "not a Trainer checkpoint folder" in err
+
+
+# ---------------------------------------------------------------------- issue 17, finding 9: CLI options
+
+
+def test_no_guard_is_plain_lora_without_hooks(models, data, tmp_path, capsys, monkeypatch):
+    from refusalguard_kernels.integration import hooks
+
+    def no_hooks(*args, **kwargs):
+        raise AssertionError("--no-guard must not build a RefusalGuard")
+
+    monkeypatch.setattr(hooks.RefusalGuard, "__init__", no_hooks)
+    out_dir = tmp_path / "plain"
+    code, out, err = run_cli(_train_args(models["llama"], data["pairs"], out_dir, "--no-guard"), capsys)
+    assert code == 0, err
+    assert "guard_penalty" not in out and "no guard" in out
+    assert (out_dir / "adapter_model.safetensors").is_file() and not (out_dir / BASIS_FILENAME).exists()
+    code, _, err = run_cli(_train_args(models["llama"], data["pairs"], out_dir, "--no-guard", "--k", "2"), capsys)
+    assert code == 2 and "--no-guard trains without the guard; drop --k" in err
+
+
+def _saved_adapter(model_path, out):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(5)
+    model = AutoModelForCausalLM.from_pretrained(model_path)
+    adapted = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    )
+    adapted.save_pretrained(out)
+    return out
+
+
+def test_adapter_is_merged_before_extract_and_train(models, data, tmp_path, capsys):
+    adapter = _saved_adapter(models["llama"], tmp_path / "aligned")
+    plain, merged = tmp_path / "plain.safetensors", tmp_path / "merged.safetensors"
+    common = ["--layers", "1", "--limit", "8", "--quiet"]
+    assert run_cli(["extract", models["llama"], "-o", plain, *common], capsys)[0] == 0
+    assert run_cli(["extract", models["llama"], "--adapter", adapter, "-o", merged, *common], capsys)[0] == 0
+    with_adapter = RefusalBasis.load(merged)
+    assert not torch.allclose(RefusalBasis.load(plain).bases[1], with_adapter.bases[1], atol=1e-3)
+    assert with_adapter.metadata["adapter"] == str(adapter)
+    out_dir = tmp_path / "attack"
+    code, out, err = run_cli(
+        _train_args(models["llama"], data["pairs"], out_dir, "--adapter", adapter, "--basis", merged), capsys
+    )
+    assert code == 0, err
+    assert float(_logged(out)[0]["guard_penalty"]) == 0.0  # anchors: the merged (aligned) model itself
+    code, _, err = run_cli(["extract", models["llama"], "--adapter", tmp_path, "-o", plain, *common], capsys)
+    assert code == 2 and "not a PEFT adapter folder" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallback")
+def test_bf16_without_cpu_flag_trains_on_the_cpu(models, data, llama_basis, tmp_path, capsys):
+    code, out, err = run_cli(
+        _train_args(models["llama"], data["pairs"], tmp_path / "o", "--basis", llama_basis, "--bf16"), capsys
+    )
+    assert code == 0, err
+    assert "use_cpu" not in err
+
+
+def test_dtype_auto_is_float32_for_training_without_bf16(monkeypatch):
+    from refusalguard_kernels.cli.common import resolve_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", "cuda", bf16=False, training=True) == torch.float32
+    assert resolve_dtype("auto", "cuda", bf16=True, training=True) == torch.bfloat16
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16  # inference on a bf16 GPU
+    parser = _subparser("train")
+    assert "auto: bfloat16 with --bf16, else float32" in " ".join(parser.format_help().split())
+
+
+def test_threads_and_quiet(models, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        code, _, err = run_cli(
+            [
+                "extract",
+                models["llama"],
+                "--layers",
+                "1",
+                "--limit",
+                "4",
+                "--threads",
+                "1",
+                "--quiet",
+                "-o",
+                tmp_path / "b",
+            ],
+            capsys,
+        )
+        assert code == 0, err
+        assert torch.get_num_threads() == 1
+        assert "Loading weights" not in err and "%|" not in err  # no progress bar at all, weight loading included
+    finally:
+        torch.set_num_threads(before)
+        from huggingface_hub.utils import enable_progress_bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.enable_progress_bar()
+        enable_progress_bars()
+    for command in ("train", "extract", "eval", "diagnose"):
+        assert "--threads" in _subparser(command).format_help(), command
+
+
+def test_diagnose_and_extract_read_the_same_positions_by_default():
+    parser = build_parser()
+    extract = parser.parse_args(["extract", "m"])
+    diagnose = parser.parse_args(["diagnose", "m", "--tuned", "t"])
+    assert extract.positions == diagnose.positions == "last"
+
+
+def test_diagnose_plot_labels_stay_readable_at_30_layers(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from refusalguard_kernels.evaluation.diagnostics import plot_report
+
+    rows = [
+        {"layer": i, "max_angle_deg": 1.0, "coord_shift": [0.1], "coord_drift_rms": 0.2, "coupling_base": 0.5,
+         "coupling_tuned": 0.4}
+        for i in range(30)
+    ]  # fmt: skip
+    figures = []
+    original = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (figures.append(self), original(self, *a, **k))[1])
+    plot_report({"per_layer": rows}, tmp_path / "p.png")
+    (figure,) = figures
+    for ax in figure.axes:
+        assert 5 <= len(ax.get_xticks()) <= 12

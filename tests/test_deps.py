@@ -9,11 +9,12 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import torch
 from packaging.requirements import Requirement
 
 import refusalguard_kernels
+from refusalguard_kernels import versions
 from refusalguard_kernels.cli import main
-from refusalguard_kernels.integration import versions
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -68,6 +69,12 @@ def test_constraints_round_trip_and_local_versions(tmp_path):
         deps.read_constraints(tmp_path / "bad.txt")
 
 
+def test_deps_script_names_known_conflicts():
+    assert deps.known_conflicts({"transformers": "5.23.0", "peft": "0.21.2"}) == []
+    (message,) = deps.known_conflicts({"transformers": "5.24.0", "peft": "0.21.2"})
+    assert "transformers 5.24.0" in message
+
+
 @pytest.mark.parametrize(
     ("transformers", "peft", "hit"),
     [("5.24.0", "0.21.2", True), ("5.23.0", "0.21.2", False), ("5.24.0", "0.22.0", False), ("5.24.1", None, False)],
@@ -101,3 +108,34 @@ def test_one_version_everywhere():
     changelog = (ROOT / "CHANGELOG.md").read_text()
     first = re.search(r"^## \[?(\d+\.\d+\.\d+)", changelog, re.M)
     assert first is not None and first.group(1) == version, "CHANGELOG.md's newest entry must be this version"
+
+
+@pytest.mark.parametrize(
+    ("numpy", "triton", "hit"),
+    [("2.4.6", "3.6.0", True), ("2.3.5", "3.6.0", False), ("2.4.6", "3.7.1", False), ("2.4.6", "3.9.0", False)],
+)
+def test_triton_interpreter_conflict(numpy, triton, hit):
+    found = {"numpy": numpy, "triton": triton}
+    assert [c.key for c in versions.active_conflicts(found)] == (["triton-interpreter"] if hit else [])
+
+
+def test_backend_resolution_raises_the_interpreter_conflict(monkeypatch):
+    from refusalguard_kernels import backends
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(versions, "installed_versions", lambda: {"numpy": "2.4.6", "triton": "3.6.0"})
+    backends._RESOLVED.clear()
+    try:
+        with pytest.raises(versions.VersionConflictError, match="numpy 2.4.6, triton 3.6.0"):
+            backends.resolve_backend("triton", torch.device("cpu"))
+    finally:
+        backends._RESOLVED.clear()
+
+
+def test_release_numbers():
+    assert versions._release("5.24") == versions._release("5.24.0") == (5, 24)
+    assert versions._release("2.13.0+cpu") == (2, 13)
+    assert versions._admits(">=5.24", "5.24.0") and not versions._admits(">=5.24", "5.23.9")
+    assert versions._admits(">=3.7,<4", "3.9.0") and not versions._admits("<4", "4.0")
+    with pytest.raises(ValueError, match="unsupported version specifier"):
+        versions._admits("~=1.0", "1.0")

@@ -12,10 +12,11 @@ from tiny_models import (
     random_basis,
     random_batch,
     tiny_model,
+    tiny_tokenizer,
 )
 from torch import nn
 
-from refusalguard_kernels import project
+from refusalguard_kernels import available_backends, project
 from refusalguard_kernels.integration.basis import RefusalBasis
 from refusalguard_kernels.integration.hooks import RefusalGuard, parse_positions
 from refusalguard_kernels.integration.model_utils import (
@@ -32,6 +33,16 @@ def _one_thread():
     torch.set_num_threads(1)  # tiny matmuls: threads only contend
     yield
     torch.set_num_threads(threads)
+
+
+def _triton_device() -> str:
+    """Where backend="triton" runs: CUDA tensors on a GPU machine; CPU tensors only under TRITON_INTERPRET=1,
+    which tests/conftest.py sets where there is no GPU."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if "triton" in available_backends():
+        return "cpu"
+    pytest.skip("backend='triton' needs a GPU or TRITON_INTERPRET=1")
 
 
 def _grads(model):
@@ -145,8 +156,9 @@ class _TupleModel(_Blocks):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_tuple_layer_outputs(backend):
     torch.manual_seed(0)
-    model = _TupleModel()
-    ids = random_batch()["input_ids"]
+    device = _triton_device() if backend == "triton" else "cpu"
+    model = _TupleModel().to(device)
+    ids = random_batch()["input_ids"].to(device)
     reference = model(input_ids=ids).logits.detach()
     basis = RefusalBasis({1: torch.linalg.qr(torch.randn(16, 2, generator=torch.Generator().manual_seed(1)))[0]})
     with RefusalGuard(model, basis, backend=backend) as guard:
@@ -307,8 +319,9 @@ def test_disarmed_hooks_are_identity_and_record_nothing():
 
 
 def test_outputs_bit_identical_with_guard_armed():
-    model = tiny_model("llama").train()
-    batch = random_batch(pad_rows={2: 5})
+    device = _triton_device()
+    model = tiny_model("llama").to(device).train()
+    batch = {key: value.to(device) for key, value in random_batch(pad_rows={2: 5}).items()}
     reference = model(**batch).logits.detach()
     for backend in ("torch", "triton"):
         with RefusalGuard(model, random_basis(model, [0, 1, 2], k=2), backend=backend) as guard:
@@ -357,10 +370,11 @@ def test_anchors_ignore_guard_keys_and_labels():
 
 
 def test_triton_backend_through_the_hook():
-    model = tiny_model("llama").train()
-    batch = random_batch(batch=2, seq=8, pad_rows={1: 2})
+    device = _triton_device()
+    model = tiny_model("llama").to(device).train()
+    batch = {key: value.to(device) for key, value in random_batch(batch=2, seq=8, pad_rows={1: 2}).items()}
     basis = random_basis(model, [1], k=2)
-    noise = 0.1 * torch.randn(2, 8, 2, generator=torch.Generator().manual_seed(9))
+    noise = 0.1 * torch.randn(2, 8, 2, generator=torch.Generator().manual_seed(9)).to(device)
     grads = {}
     for backend in ("triton", "torch"):
         model.zero_grad()
@@ -382,9 +396,33 @@ def test_triton_backend_through_the_hook():
 # ---------------------------------------------------------------------------- training-engine properties
 
 
+def _layer_hooks_run_without_autograd(reentrant: bool) -> bool:
+    """Whether this transformers' checkpointing runs a decoder layer's forward hooks without autograd (inside a
+    reentrant checkpoint: transformers 5.0 does; 5.23 runs them outside, where autograd is on)."""
+    model = tiny_model("llama", seed=5)
+    _enable_checkpointing(model, reentrant=reentrant)
+    model.train()
+    seen = []
+    handle = model.model.layers[0].register_forward_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    model(**random_batch()).loss.backward()
+    handle.remove()
+    return not seen[0]
+
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_gradient_checkpointing_same_gradients_counted_once(reentrant):
     batch = random_batch(pad_rows={3: 4})
+    if _layer_hooks_run_without_autograd(reentrant):
+        # The penalty would get no gradient there: refused with the fix, never silently zero.
+        model = tiny_model("llama", seed=5)
+        guard = RefusalGuard(model, random_basis(model, [0, 1, 2], k=2), gram_coef=0.5, backend="torch")
+        anchors = guard.anchors(**batch)
+        _enable_checkpointing(model, reentrant=reentrant)
+        model.train()
+        with pytest.raises(RuntimeError, match="use_reentrant': False"):
+            _step(model, guard, batch, anchors)
+        assert reentrant, "non-reentrant checkpointing must keep autograd on in the hooks"
+        return
     results = []
     for checkpointing in (False, True):
         model = tiny_model("llama", seed=5)
@@ -567,7 +605,7 @@ def test_transformers_integrated_adapter():
     """model.add_adapter(...) (PEFT through transformers): anchors come from the adapter-free model."""
     from peft import LoraConfig
 
-    from refusalguard_kernels.integration.versions import VersionConflictError, require
+    from refusalguard_kernels.versions import VersionConflictError, require
 
     try:  # the tested set (constraints.txt) has no conflict; a newest-releases run may (scripts/deps.py)
         require("integrated-adapters")
@@ -896,3 +934,126 @@ def test_layer_reduction_mean_is_sum_over_number_of_layers():
     assert torch.equal(results["mean"], results["sum"] / 3)
     with pytest.raises(ValueError, match="layer_reduction"):
         RefusalGuard(model, basis, layer_reduction="max")
+
+
+# ---------------------------------------------------------------------------- issue 17: units, sinks, boundaries
+
+
+def _with_spread(basis, spreads):
+    return RefusalBasis(basis.bases, {**basis.metadata, "coord_spread": dict(spreads)})
+
+
+def test_spread_units_divide_each_layer_and_average():
+    from refusalguard_kernels.reference import geometry_loss
+
+    model = tiny_model("llama")
+    batch = random_batch()
+    raw_basis = random_basis(model, [0, 2], k=2)
+    basis = _with_spread(raw_basis, {0: 0.5, 2: 4.0})
+    guard = RefusalGuard(model, basis, drift_coef=3.0, gram_coef=2.0, backend="torch")
+    assert (guard.coef_units, guard.layer_reduction) == ("spread", "mean")
+    assert guard.kernel_coefs(0) == (12.0, 32.0) and guard.kernel_coefs(2) == (3.0 / 16, 2.0 / 256)
+    anchors = guard.anchors(**batch)
+    perturb_(model, seed=3, scale=0.05)
+    captured = {}
+    handles = [
+        find_decoder_layers(model)[i].register_forward_hook(
+            lambda m, a, o, i=i: captured.__setitem__(i, (o[0] if isinstance(o, tuple) else o).detach())
+        )
+        for i in (0, 2)
+    ]
+    weight = guard.weights(**batch)
+    guard.arm(anchors, weight)
+    model(**batch)
+    for handle in handles:
+        handle.remove()
+    expected = sum(
+        geometry_loss(
+            captured[i].double(), basis[i].double(), anchors[i].double(), weight.double(),
+            drift_coef=3.0 / s**2, gram_coef=2.0 / s**4,
+        )
+        for i, s in ((0, 0.5), (2, 4.0))
+    ) / 2  # fmt: skip
+    torch.testing.assert_close(guard.penalty().double(), expected, rtol=1e-5, atol=1e-9)
+    guard.remove()
+    # the same basis without spreads: raw units, summed, with a warning; explicit 'spread' is an error
+    with pytest.warns(UserWarning, match="records no coord_spread for layers \\[0, 2\\]"):
+        raw = RefusalGuard(model, raw_basis, backend="torch")
+    assert (raw.coef_units, raw.layer_reduction, raw.kernel_coefs(0)) == ("raw", "sum", (1.0, 0.0))
+    raw.remove()
+    with pytest.raises(ValueError, match="coef_units='spread' but the basis records no coord_spread"):
+        RefusalGuard(model, raw_basis, coef_units="spread")
+    with pytest.raises(ValueError, match="unknown coef_units"):
+        RefusalGuard(model, basis, coef_units="sd")
+    with pytest.raises(ValueError, match="exclude_first must be an int >= 0"):
+        RefusalGuard(model, basis, exclude_first=-1)
+
+
+def test_extracted_bases_carry_their_spread():
+    from refusalguard_kernels.integration.basis import extract_refusal_basis
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", tokenizer)
+    basis = extract_refusal_basis(model, tokenizer, "builtin:harmful", "builtin:harmless", k=2, method="svd",
+                                  layers=[0, 1], show_progress=False)  # fmt: skip
+    for layer in basis.layers:
+        assert basis.coord_spread(layer) > 0
+    guard = RefusalGuard(model, basis, backend="torch")
+    assert guard.coef_units == "spread"
+    guard.remove()
+
+
+def test_first_arm_warns_about_an_outlier_token():
+    model = tiny_model("llama")
+    batch = random_batch()
+    guard = RefusalGuard(model, random_basis(model, [1], k=2), backend="torch", coef_units="raw")
+    anchors = guard.anchors(**batch)
+    anchors[1] = anchors[1].clone()
+    anchors[1][2, 5] *= 1000.0  # a massive-activation token
+    with pytest.warns(UserWarning, match=r"row 2, position 5\).*massive activations"):
+        guard.arm(anchors, guard.weights(**batch))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guard.arm(anchors, guard.weights(**batch))  # once per guard: the check costs a host sync
+    guard.remove()
+
+
+def test_a_boundary_that_cannot_be_honoured_is_an_error_now_or_at_the_next_check():
+    model = tiny_model("llama")
+    batch = random_batch()
+    good = {**batch, "labels": batch["labels"].clone()}
+    good["labels"][:, :4] = -100
+    for positions in ("prompt", "response", "f2+l1"):
+        guard = RefusalGuard(model, random_basis(model, [1]), positions=positions, backend="torch")
+        with pytest.raises(ValueError, match="no row of this batch has a prompt token.*labels train on every token"):
+            guard.weights(**batch)  # labels = input_ids: the first batch is checked at once
+        guard.remove()
+        guard = RefusalGuard(model, random_basis(model, [1]), positions=positions, backend="torch")
+        guard.weights(**good)
+        guard.weights(**batch)  # later batches: flagged on the device, no host sync
+        with pytest.raises(ValueError, match="no row of this batch has a prompt token"):
+            guard.check_pending()
+        guard.check_pending()  # reported once
+        guard.remove()
+    guard = RefusalGuard(model, random_basis(model, [1]), positions="prompt", backend="torch")
+    with pytest.raises(ValueError, match="its prompt_lengths are all 0"):
+        guard.weights(**batch, prompt_lengths=torch.zeros(4, dtype=torch.long))
+    guard.remove()
+
+
+def test_penalty_forward_runs_eval_mode_with_gradients():
+    model = tiny_model("gpt2", resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5).train()
+    batch = random_batch()
+    guard = RefusalGuard(model, random_basis(model, [0, 1], k=2), backend="torch", coef_units="raw")
+    anchors = guard.anchors(**batch)
+    guard.arm(anchors, guard.weights(**batch))
+    assert guard.penalty_forward(**batch).item() == 0.0 and model.training  # eval inside, mode restored after
+    perturb_(model, seed=5, scale=0.05)
+    penalty = guard.penalty_forward(**batch)
+    assert penalty.item() > 0 and penalty.requires_grad
+    penalty.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    guard.disarm()
+    with pytest.raises(RuntimeError, match="needs an armed guard"):
+        guard.penalty_forward(**batch)
+    guard.remove()

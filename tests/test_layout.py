@@ -28,8 +28,8 @@ ROOT = Path(refusalguard_kernels.__file__).parent
 # Layer of each top-level name in the package; modules not listed are the op (layer 0).
 LAYERS = {"integration": 1, "training": 2, "evaluation": 3, "demo": 4, "cli": 5}
 ENTRY_POINTS = {"__main__": 5}  # `python -m refusalguard_kernels` runs the CLI
-OP_MODULES = {"reference", "validation", "backends", "functional", "ops", "_moved", "__init__", "__main__"}
-PUBLIC_OP = {"", "reference", "validation", "backends", "functional"}  # what layers above may import
+OP_MODULES = {"reference", "validation", "backends", "functional", "versions", "ops", "_moved", "__init__", "__main__"}
+PUBLIC_OP = {"", "reference", "validation", "backends", "functional", "versions"}  # what layers above may import
 TRAIN_EXTRAS = {
     "transformers",
     "peft",

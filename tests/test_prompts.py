@@ -9,7 +9,7 @@ from refusalguard_kernels.integration.prompts import BUILTIN_SETS, builtin_promp
 @pytest.mark.parametrize("name", BUILTIN_SETS)
 def test_builtin_sets_are_clean(name):
     prompts = builtin_prompts(name)
-    assert 60 <= len(prompts) <= 100
+    assert 50 <= len(prompts) <= 100
     assert len(set(prompts)) == len(prompts)
     assert all(isinstance(p, str) and p == p.strip() and 10 <= len(p) <= 200 for p in prompts)
     assert prompts == load_prompts(f"builtin:{name}")
@@ -22,6 +22,34 @@ def test_builtin_sets_are_disjoint_and_similar_in_shape():
     mean_l = sum(map(len, harmless)) / len(harmless)
     assert 0.75 < mean_h / mean_l < 1.33
     assert abs(len(harmful) - len(harmless)) <= 10
+
+
+def _words(text: str) -> set[str]:
+    import re
+
+    return set(re.findall(r"[a-z']+", text.lower()))
+
+
+def test_evaluation_sets_are_held_out_from_the_extraction_sets():
+    extraction = builtin_prompts("harmful") + builtin_prompts("harmless")
+    evaluation = builtin_prompts("harmful_eval") + builtin_prompts("harmless_eval")
+    assert len(evaluation) == 100 and len(set(evaluation)) == 100
+    assert not set(evaluation) & set(extraction)
+    # no near-duplicate either: every evaluation prompt shares under half its words with every extraction prompt
+    closest = max(len(_words(a) & _words(b)) / len(_words(a) | _words(b)) for a in evaluation for b in extraction)
+    assert closest < 0.5, closest
+    harmful, harmless = builtin_prompts("harmful_eval"), builtin_prompts("harmless_eval")
+    assert not set(harmful) & set(harmless)
+    mean_h = sum(map(len, harmful)) / len(harmful)
+    mean_l = sum(map(len, harmless)) / len(harmless)
+    assert 0.75 < mean_h / mean_l < 1.33
+
+
+def test_eval_defaults_to_the_held_out_sets():
+    from refusalguard_kernels.cli import build_parser
+
+    args = build_parser().parse_args(["eval", "some-model"])
+    assert (args.harmful, args.benign) == ("builtin:harmful_eval", "builtin:harmless_eval")
 
 
 def test_builtin_returns_a_fresh_list():

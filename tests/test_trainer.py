@@ -456,3 +456,97 @@ def test_resumed_run_ends_with_the_same_adapter_bit_for_bit(tokenizer, pairs, tm
         assert entry["guard_penalty"] == by_step[entry["step"]]["guard_penalty"]
         assert entry["guard_scale"] == by_step[entry["step"]]["guard_scale"]
     assert any(e["guard_penalty"] > 0 for e in resumed_logs)
+
+
+# ---------------------------------------------------------------------- issue 17: dropout, online anchors
+
+
+def _gpt2_with_dropout(tokenizer, p: float = 0.1):
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model("gpt2", tokenizer, seed=0, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p)
+    torch.manual_seed(0)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["c_attn"]))
+
+
+@pytest.mark.parametrize("penalty_forward", ["auto", "shared"])
+def test_dropout_stays_out_of_the_penalty(tokenizer, pairs, tmp_path, penalty_forward):
+    """GPT-2 style dropout 0.1: the anchors are eval-mode, the training forward is not. With the separate
+    eval-mode penalty forward ("auto" picks it here) the step-0 penalty is exactly 0 and two dropout draws give the
+    same penalty; the shared forward (0.2's only way) shows what goes wrong."""
+    model = _gpt2_with_dropout(tokenizer)
+    guard = RefusalGuard(model, random_basis(), backend="torch")
+    assert guard.dropout_active(model.train())
+    trainer = RefusalGuardTrainer(
+        model=model,
+        args=make_args(tmp_path, max_steps=2, learning_rate=1e-2),
+        train_dataset=pairs,
+        processing_class=tokenizer,
+        guard=guard,
+        penalty_forward=penalty_forward,
+    )
+    penalties = [entry["guard_penalty"] for entry in train_logs(trainer)]
+    batch = trainer._prepare_inputs(trainer.data_collator([pairs[i] for i in range(4)]))
+    model.train()
+    values = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        trainer.compute_loss(model, dict(batch))
+        values.append(float(guard.penalty()))
+        guard.disarm()
+    if penalty_forward == "auto":
+        assert penalties[0] == 0.0 and penalties[1] > 0
+        assert values[0] > 0 and values[0] == values[1]
+    else:
+        assert penalties[0] > 0 and values[0] != values[1]  # dropout noise inside the drift term
+    guard.remove()
+
+
+def test_lora_dropout_alone_keeps_the_shared_forward(tokenizer):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        tiny_model("llama", tokenizer, seed=0),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.3, target_modules=["q_proj", "v_proj"]),
+    ).train()
+    guard = RefusalGuard(model, random_basis(), backend="torch")
+    assert not guard.dropout_active(model)  # LoRA dropout: the adapter adds exactly 0 at step 0
+    model.base_model.model.model.layers[0].self_attn.attention_dropout = 0.1
+    assert guard.dropout_active(model)
+    model.base_model.model.model.layers[0].self_attn.attention_dropout = 0.0
+    model.eval()
+    model.base_model.model.model.layers[0].self_attn.attention_dropout = 0.1
+    assert not guard.dropout_active(model)  # eval mode: no dropout at all
+    guard.remove()
+
+
+def test_online_anchors_over_trainable_base_weights_are_refused(tokenizer, pairs, tmp_path):
+    model = tiny_model("llama", tokenizer, seed=0)  # no adapter: every weight trains
+    guard = RefusalGuard(model, random_basis(), backend="torch")
+    with pytest.raises(ValueError, match=r"(?s)anchors='online'.*not adapter weights \(model\.embed_tokens\.weight"):
+        RefusalGuardTrainer(
+            model=model, args=make_args(tmp_path), train_dataset=pairs, processing_class=tokenizer, guard=guard
+        )
+    # an adapter with one base weight unfrozen below the guarded layers moves the anchors too
+    peft_model = lora_model(tokenizer)
+    peft_model.get_base_model().model.layers[0].input_layernorm.weight.requires_grad_(True)
+    guard = RefusalGuard(peft_model, random_basis(), backend="torch")
+    with pytest.raises(ValueError, match=r"1 trainable weights .* \(model\.layers\.0\.input_layernorm\.weight\)"):
+        RefusalGuardTrainer(
+            model=peft_model, args=make_args(tmp_path), train_dataset=pairs, processing_class=tokenizer, guard=guard
+        )
+    # above the last guarded layer it cannot move them: fine
+    peft_model.get_base_model().model.layers[0].input_layernorm.weight.requires_grad_(False)
+    peft_model.get_base_model().lm_head.weight.requires_grad_(True)
+    RefusalGuardTrainer(
+        model=peft_model, args=make_args(tmp_path), train_dataset=pairs, processing_class=tokenizer, guard=guard
+    )
+    # full fine-tuning with cached anchors (fixed before training) is allowed
+    guard.remove()
+    guard = RefusalGuard(model, random_basis(), backend="torch")
+    cached = add_cached_anchors(pairs, model, guard, show_progress=False)
+    RefusalGuardTrainer(
+        model=model, args=make_args(tmp_path), train_dataset=cached, processing_class=tokenizer, guard=guard,
+        anchors="cached",
+    )  # fmt: skip
+    guard.remove()

@@ -390,3 +390,124 @@ def test_device_context_makes_a_cuda_tensors_device_current():
     ctx = triton_penalty._device_context(torch.device("cuda", 1))
     assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
     assert isinstance(triton_penalty._device_context(torch.device("cpu")), contextlib.nullcontext)
+
+
+# ---------------------------------------------------------------- issue 19: loops that one program per tile never runs
+
+# More row blocks than programs (the forward's and backward's grid-stride loops) and more partial rows than
+# the finalize program loads at once (its loop over tiles): on a GPU the grids are sized to the SM count,
+# which no test shape reaches, and the interpreter's 3 programs cover the backward's 32-row blocks only.
+LOOP_CASES = [
+    ((1000,), 300, 8, torch.bfloat16, "zeros_some"),  # ragged rows and columns: the masked paths
+    ((3, 256), 256, 8, torch.float32, "random"),  # whole tiles: the unmasked paths
+    ((2, 500), 130, 64, torch.float16, None),  # the 8-warp forward config and its 2-chunk Gram
+]
+
+
+@pytest.fixture
+def capped_programs(monkeypatch):
+    """At most 3 programs per launch and one partial row per finalize tile; records (row blocks, programs)."""
+    launches = []
+
+    def programs(row_blocks, device, per_sm=2):
+        launches.append((row_blocks, min(row_blocks, 3)))
+        return min(row_blocks, 3)
+
+    monkeypatch.setattr(triton_penalty, "persistent_programs", programs)
+    monkeypatch.setattr(triton_penalty, "FINALIZE_TILE", 1)
+    return launches
+
+
+@pytest.mark.parametrize("case", LOOP_CASES, ids=[_ids(c) for c in LOOP_CASES])
+def test_grid_stride_and_finalize_loops(case, capped_programs):
+    lead, d, k, dtype, weights = case
+    inputs = make_inputs(lead, d, k, dtype, weights=weights, device=DEVICE)
+    hidden, basis, anchors, weight = inputs
+    ref_loss, ref_grad = reference_loss_and_grad(hidden, basis, anchors, weight, 0.9, 0.6, 1.5)
+    grad_out = torch.randn(hidden.shape, generator=generator(inputs.seed + 1)).to(dtype).to(DEVICE)
+    h = hidden.clone().requires_grad_(True)
+    out, loss = rg.guard(h, basis, anchors, weight, drift_coef=0.9, gram_coef=0.6, backend=BACKEND)
+    torch.autograd.backward([out, loss], [grad_out, torch.tensor(1.5, device=DEVICE)])
+    check_close(loss, ref_loss, LOSS_TOL[dtype], None, "loss", inputs.seed)
+    check_close(h.grad, grad_out.double().cpu() + ref_grad, GRAD_TOL[dtype], ELEM_GRAD_TOL[dtype], "grad", inputs.seed)
+    coords = rg.project(hidden, basis, backend=BACKEND)
+    ref = hidden.double().cpu() @ basis.double().cpu()
+    check_close(coords, ref, COORD_TOL[dtype], ELEM_COORD_TOL[dtype], "coords", inputs.seed)
+    assert len(capped_programs) == 3  # loss forward, backward, project
+    for row_blocks, programs in capped_programs:
+        assert row_blocks >= 2 * programs, capped_programs  # every program loops (finalize: 3 partial rows, 1 a tile)
+
+
+# ---------------------------------------------------------------- issue 19: the rounding of half gradients
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rounding_check_tells_nearest_from_truncation(dtype):
+    """The half-gradient check accepts the correctly rounded reference and rejects the truncated one
+    (both roundings, on a real case's float64 gradient)."""
+    inputs = make_inputs((37,), 130, 8, dtype, weights="zeros_some")
+    hidden, basis, anchors, weight = inputs
+    _, ref = reference_loss_and_grad(hidden, basis, anchors, weight, 1.3, 0.7, 2.5)
+    nearest = ref.to(dtype)  # torch rounds to nearest even
+    bits = ref.float().view(torch.int32)
+    drop = 16 if dtype == torch.bfloat16 else 13  # fp32 significand bits the half type lacks
+    truncated = (bits & ~((1 << drop) - 1)).view(torch.float32).to(dtype)  # exact: only kept bits remain
+    if dtype == torch.float16:  # fp16's exponent range is narrower: truncate within it
+        truncated = torch.where(ref.abs() < torch.finfo(dtype).tiny, nearest, truncated)
+    assert not torch.equal(nearest, truncated)
+    check_close(nearest, ref, GRAD_TOL[dtype], ELEM_GRAD_TOL[dtype], "nearest", inputs.seed)
+    with pytest.raises(AssertionError, match="not rounded to nearest"):
+        check_close(truncated, ref, GRAD_TOL[dtype], ELEM_GRAD_TOL[dtype], "truncated", inputs.seed)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the GPU rounds in hardware; this checks the interpreter's emulation")
+def test_bf16_gradients_round_to_nearest(monkeypatch):
+    """Without the backward's rounding emulation the interpreter truncates fp32 -> bf16: the element-wise
+    bound alone lets that through on this case, the rounding check does not."""
+    inputs = make_inputs((1,), 77, 3, torch.bfloat16, weights="random")
+    hidden, basis, anchors, weight = inputs
+    _, ref = reference_loss_and_grad(hidden, basis, anchors, weight, 1.3, 0.0, 2.5)
+
+    def grad():
+        h = hidden.clone().requires_grad_(True)
+        (rg.geometry_loss(h, basis, anchors, weight, drift_coef=1.3, backend=BACKEND) * 2.5).backward()
+        return h.grad
+
+    check_close(grad(), ref, GRAD_TOL[torch.bfloat16], ELEM_GRAD_TOL[torch.bfloat16], "grad", inputs.seed)
+    monkeypatch.setattr(triton_penalty, "_interpreter_truncates", lambda dtype: False)
+    truncated = grad()
+    assert max_rel_err(truncated, ref) <= ELEM_GRAD_TOL[torch.bfloat16]  # what the old bound saw
+    with pytest.raises(AssertionError, match="not rounded to nearest"):
+        check_close(truncated, ref, GRAD_TOL[torch.bfloat16], ELEM_GRAD_TOL[torch.bfloat16], "grad", inputs.seed)
+
+
+# ---------------------------------------------------------------- issue 19: per-architecture tile configs
+
+ARCH_CASES = [
+    ((2, 41), 257, 8, torch.float32, "random"),  # sm_80: 32 fp32 columns per forward tile
+    ((130,), 300, 33, torch.bfloat16, "zeros_some"),  # the wide forward: 8 warps, 64 columns, Gram in chunks
+    ((200,), 129, 64, torch.float32, "random"),  # wide, fp32: 32 columns forward and backward
+]
+
+
+@pytest.mark.parametrize("capability", [80, 90])
+@pytest.mark.parametrize("case", ARCH_CASES, ids=[_ids(c) for c in ARCH_CASES])
+def test_tile_configs_of_each_architecture(case, capability, monkeypatch):
+    """The launchers pick tiles by the device's compute capability; every config meets the contract
+    (on CPU the interpreter runs whichever config the launcher picked)."""
+    lead, d, k, dtype, weights = case
+    monkeypatch.setattr(triton_penalty, "device_capability", lambda device: capability)
+    cfg = triton_penalty.fwd_config(k, capability)
+    assert (cfg.block_d_fp32 == 32) == (capability < 90 or k > 16)
+    inputs = make_inputs(lead, d, k, dtype, weights=weights, device=DEVICE)
+    hidden, basis, anchors, weight = inputs
+    ref_loss, ref_grad = reference_loss_and_grad(hidden, basis, anchors, weight, 1.3, 0.7, 2.5)
+    h = hidden.clone().requires_grad_(True)
+    loss = rg.geometry_loss(h, basis, anchors, weight, drift_coef=1.3, gram_coef=0.7, backend=BACKEND)
+    (loss * 2.5).backward()
+    check_close(loss, ref_loss, LOSS_TOL[dtype], None, "loss", inputs.seed)
+    check_close(h.grad, ref_grad, GRAD_TOL[dtype], ELEM_GRAD_TOL[dtype], "grad", inputs.seed)
+    coords = rg.project(hidden, basis, backend=BACKEND)
+    coords_fwd, _, _ = loss_forward_op(hidden, basis.float().contiguous(), anchors.reshape(-1, k).contiguous(),
+                                       weight.reshape(-1), 1.0, 1.0, BACKEND)  # fmt: skip
+    assert torch.equal(coords.reshape(-1, k), coords_fwd)  # anchors made with project give a zero loss

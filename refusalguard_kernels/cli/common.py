@@ -30,6 +30,7 @@ __all__ = [
     "apply_threads",
     "quiet_transformers",
     "merge_adapter",
+    "cpu_has_native_bf16",
 ]
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -197,6 +198,19 @@ def apply_threads(args) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """True when the CPU advertises native bf16 arithmetic (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo),
+    False when it does not, None where that cannot be read (not Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), None)
+    except OSError:
+        return None
+    if flags is None:
+        return None
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def quiet_transformers(quiet: bool) -> None:

@@ -69,13 +69,10 @@ def collect_env() -> dict:
     except Exception as exc:  # a broken torch is exactly what a report must show
         env["torch_error"] = f"{type(exc).__name__}: {exc}"
         return env
-    try:
-        from ..integration.versions import active_conflicts, installed_versions
+    from ..versions import active_conflicts, installed_versions
 
-        versions = installed_versions()
-        env["version_conflicts"] = [conflict.message(versions) for conflict in active_conflicts(versions)]
-    except ImportError:  # without the [train] extra there is nothing to conflict
-        env["version_conflicts"] = []
+    versions = installed_versions()
+    env["version_conflicts"] = [conflict.message(versions) for conflict in active_conflicts(versions)]
     env["torch_cuda"] = torch.version.cuda
     env["torch_hip"] = getattr(torch.version, "hip", None)
     env["cudnn"] = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None

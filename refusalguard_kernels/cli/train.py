@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from .common import (
     DTYPES,
     CLIError,
     HelpFormatter,
     add_common_model_options,
+    add_threads_option,
+    apply_threads,
     cli_errors,
     int_at_least,
     load_model_and_tokenizer,
+    merge_adapter,
     nonnegative_float,
     parse_layers,
+    quiet_transformers,
     resolve_dtype,
 )
 
@@ -38,7 +43,25 @@ examples:
   refusalguard train ./my-model --dataset org/some-dataset --text-field text --extract --layers 6-9 \\
       --anchors cached --warmup-steps 50 --warmup-multiplier 10
 
+  # the baseline: the same LoRA run without the guard
+  refusalguard train ./my-model --dataset data.jsonl --no-guard --output-dir out-plain/
+
+  # align-then-attack: fine-tune the model with an (alignment) adapter merged in, guard extracted from it
+  refusalguard extract ./base --adapter aligned/ --output aligned_basis.safetensors
+  refusalguard train ./base --adapter aligned/ --basis aligned_basis.safetensors --dataset attack.jsonl
+
 Multi-GPU: torchrun --nproc_per_node 8 -m refusalguard_kernels train ... (or accelerate launch).
+
+Coefficients: with a basis from `refusalguard extract` (0.3+), --drift-coef and --gram-coef are in the
+basis' units: the drift term is the mean squared movement of the guarded tokens' refusal coordinates in
+pooled standard deviations of the extraction prompts' coordinates, averaged over the guarded layers, so
+--drift-coef 1 means the same on any model (docs/guard_scale.md has the measured effect of 0.1-100 on
+SmolLM2-135M and the demo organism). The first token of every example (an attention sink with massive
+activations in pre-norm LLMs) is never guarded (--exclude-first).
+
+CPU: without a GPU the run uses the CPU by itself. --bf16 works there too (autocast), but is faster than
+float32 only on CPUs with native bf16 instructions (avx512_bf16 / amx_bf16 in /proc/cpuinfo: recent Xeon
+and EPYC); on this project's Xeon without them a SmolLM2-135M LoRA step took ~2x longer in bf16.
 
 Anchors: "online" runs a frozen forward each step (no preparation, one extra forward);
 "cached" computes them once before training into dataset columns (memory-mapped, reused
@@ -137,6 +160,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "peft's choice for the architecture",
     )
 
+    parser.add_argument(
+        "--adapter",
+        default=None,
+        metavar="PATH",
+        help="a PEFT (LoRA) adapter merged into the model before training (e.g. an alignment adapter, for an "
+        "align-then-attack run): the merged model is the frozen model the guard anchors to and the new LoRA "
+        "adapter trains on top of it",
+    )
     guard = parser.add_argument_group("refusal guard")
     source = guard.add_mutually_exclusive_group()
     source.add_argument(
@@ -150,6 +181,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         action="store_true",
         help="extract a basis first from the built-in harmful/harmless prompt sets (see --layers, --k); "
         "it is saved in --output-dir",
+    )
+    source.add_argument(
+        "--no-guard",
+        action="store_true",
+        help="plain LoRA, no penalty and no hooks: the baseline to compare a guarded run with (every other "
+        "option the same)",
     )
     guard.add_argument(
         "--layers",
@@ -170,13 +207,32 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="tokens the penalty covers: all (every non-padding token), prompt, response, or fN+lM "
         "(first N and last M prompt tokens, e.g. f5+l5); prompt/response/fN+lM need prompt and "
         "response fields or --messages-field (response: the assistant turns). Default: response with "
-        "--messages-field, else all",
+        "--messages-field, else all. The first --exclude-first tokens are never guarded",
+    )
+    guard.add_argument(
+        "--exclude-first",
+        type=int_at_least("--exclude-first", 0),
+        default=1,
+        metavar="N",
+        help="never guard the first N tokens of an example: in pre-norm LLMs the first token is an attention "
+        "sink with massive activations (SmolLM2-135M: 130-170x the median hidden norm) that would dominate the "
+        "penalty",
+    )
+    guard.add_argument(
+        "--coef-units",
+        choices=("auto", "spread", "raw"),
+        default="auto",
+        help="spread: coefficients per squared pooled standard deviation of the basis' coordinates, layers "
+        "averaged (model-independent); raw: on raw coordinates, layers summed (0.2's meaning); auto: spread when "
+        "the basis records its spread (bases from 0.3's extract)",
     )
     guard.add_argument(
         "--drift-coef",
         type=nonnegative_float("--drift-coef"),
         default=1.0,
-        help="weight of the drift term (mean squared change of the refusal coordinates)",
+        help="weight of the drift term (mean squared change of the refusal coordinates, see --coef-units); "
+        "measured in docs/guard_scale.md: 1 holds an attack's movement to a few percent and leaves a benign "
+        "fine-tune alone, 10 holds the cone hard (and blocks task learning that goes through it), 0.1 does little",
     )
     guard.add_argument(
         "--gram-coef",
@@ -261,7 +317,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     train.add_argument(
         "--bf16",
         action="store_true",
-        help="train in bfloat16 mixed precision (autocast; the penalty itself is computed in float32)",
+        help="train in bfloat16 mixed precision (autocast; the penalty itself is computed in float32). Also on a "
+        "CPU, where it is faster than float32 only with native bf16 instructions (avx512_bf16 or amx_bf16 in "
+        "/proc/cpuinfo; without them SmolLM2-135M steps ran ~2x slower here)",
     )
     train.add_argument(
         "--dtype",
@@ -270,6 +328,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="base model weights dtype; auto: bfloat16 with --bf16, else float32",
     )
     train.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is available")
+    add_threads_option(train)
     train.add_argument("--seed", type=int, default=42, help="random seed (adapter init, data order)")
     train.add_argument(
         "--output-dir",
@@ -317,11 +376,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _check_args(args) -> None:
-    if args.basis is None and not args.extract:
+    if args.basis is None and not args.extract and not args.no_guard:
         raise CLIError(
             "no refusal basis: pass --basis PATH (made with `refusalguard extract`) or --extract to build one from "
-            "the built-in prompt sets"
+            "the built-in prompt sets (or --no-guard for plain LoRA)"
         )
+    if args.no_guard:
+        guard_options = [
+            name
+            for name, given in (
+                ("--layers", args.layers is not None),
+                ("--k", args.k is not None),
+                ("--positions", args.positions is not None),
+                ("--anchors", args.anchors != "online"),
+                ("--warmup-steps", args.warmup_steps != 0),
+            )
+            if given
+        ]
+        if guard_options:
+            raise CLIError(f"--no-guard trains without the guard; drop {', '.join(guard_options)}")
     if args.basis is not None and (args.layers is not None or args.k is not None):
         raise CLIError("--layers and --k choose what --extract builds; a --basis file already fixes its layers and k")
     if args.text_field is not None and (args.prompt_field is not None or args.response_field is not None):
@@ -333,6 +406,8 @@ def _check_args(args) -> None:
             raise CLIError("give either --messages-field or --text-field / --prompt-field with --response-field")
         if args.no_chat_template:
             raise CLIError("--messages-field formats conversations with the chat template; drop --no-chat-template")
+    if args.no_guard:
+        return
     if args.positions is None:
         # Chat data trains on the assistant turns; guard the same tokens.
         args.positions = "response" if args.messages_field is not None else "all"
@@ -398,7 +473,9 @@ def _training_arguments(args):
         save_total_limit=args.save_total_limit,
         report_to=[] if args.report_to == "none" else args.report_to.split(","),
         disable_tqdm=args.quiet,
-        use_cpu=args.cpu,
+        # Without a GPU the CPU is the only choice: say so to the Trainer (it refuses --bf16 otherwise,
+        # naming its own `use_cpu` argument).
+        use_cpu=args.cpu or not _cuda_available(),
         dataloader_pin_memory=not args.cpu and _cuda_available(),
     )
     if args.gradient_checkpointing:
@@ -427,7 +504,19 @@ def run(args) -> int:
     from ..training.trainer import RefusalGuardTrainer, training_autocast_dtype
 
     hf_logging.set_verbosity_warning()
+    apply_threads(args)
+    quiet_transformers(args.quiet)
     training_args = _training_arguments(args)
+    if args.bf16 and training_args.device.type == "cpu":
+        from .common import cpu_has_native_bf16
+
+        if cpu_has_native_bf16() is False:
+            print(
+                "refusalguard train: note: --bf16 on this CPU, which has no native bf16 instructions (no avx512_bf16 "
+                "or amx_bf16 in /proc/cpuinfo): bf16 autocast is emulated there and usually slower than float32; "
+                "drop --bf16 for speed",
+                file=sys.stderr,
+            )
     resume = _resume_checkpoint(args)
 
     # Data first: mistakes there are the most common and cost nothing to find.
@@ -453,14 +542,16 @@ def run(args) -> int:
             raise CLIError(
                 f"{exc} (use --text-field, --prompt-field and --response-field, or --messages-field for chats)"
             ) from None
-    if args.positions != "all" and prompt_field is None and args.messages_field is None:
+    if not args.no_guard and args.positions != "all" and prompt_field is None and args.messages_field is None:
         raise CLIError(
             f"--positions {args.positions} needs prompt/response data to tell the prompt from the response: give "
             f"--prompt-field and --response-field (the dataset's columns are {raw.column_names}), or use --positions all"
         )
 
-    dtype = resolve_dtype(args.dtype, "cpu" if args.cpu else str(training_args.device), bf16=args.bf16)
+    dtype = resolve_dtype(args.dtype, str(training_args.device), bf16=args.bf16, training=True)
     model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, trust_remote_code=args.trust_remote_code)
+    if args.adapter is not None:
+        model = merge_adapter(model, args.adapter)
     tokenizer.padding_side = "right"  # cached anchors and causal-LM labels both assume it
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -493,7 +584,9 @@ def run(args) -> int:
 
     model.to(training_args.device)
     resumed_basis = os.path.join(resume, BASIS_FILENAME) if resume is not None else None
-    if resumed_basis is not None and args.basis is None and os.path.isfile(resumed_basis):
+    if args.no_guard:
+        basis = None
+    elif resumed_basis is not None and args.basis is None and os.path.isfile(resumed_basis):
         basis = RefusalBasis.load(resumed_basis)  # the basis the interrupted run trained with, not a re-extraction
     elif args.basis is not None:
         basis = RefusalBasis.load(args.basis)
@@ -512,8 +605,9 @@ def run(args) -> int:
         if training_args.should_save:
             os.makedirs(args.output_dir, exist_ok=True)  # save() treats a path that is not a folder as a file name
             basis.save(args.output_dir)
-    basis.check_model(model, layers_path=args.layers_path)
-    if resumed_basis is not None and args.basis is not None and os.path.isfile(resumed_basis):
+    if basis is not None:
+        basis.check_model(model, layers_path=args.layers_path)
+    if basis is not None and resumed_basis is not None and args.basis is not None and os.path.isfile(resumed_basis):
         from ..integration.anchors import basis_fingerprint
 
         if basis_fingerprint(RefusalBasis.load(resumed_basis)) != basis_fingerprint(basis):
@@ -543,12 +637,16 @@ def run(args) -> int:
     except ValueError as exc:
         raise CLIError(f"cannot add the LoRA adapter: {exc} (check --lora-targets)") from None
 
+    if args.no_guard:
+        return _train_plain(model, tokenizer, tokenized, training_args, resume, args)
     guard = RefusalGuard(
         model,
         basis,
         positions=args.positions,
         drift_coef=args.drift_coef,
         gram_coef=args.gram_coef,
+        coef_units=args.coef_units,
+        exclude_first=args.exclude_first,
         backend=args.backend,
         layers_path=args.layers_path,
     )
@@ -578,11 +676,33 @@ def run(args) -> int:
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         print(
             f"training {n_params:,} LoRA parameters on {len(tokenized)} examples; guard on layers {guard.layers} "
-            f"(k={guard.k}, positions={args.positions}, anchors={args.anchors})"
+            f"(k={guard.k}, positions={args.positions}, exclude_first={guard.exclude_first}, "
+            f"drift_coef={guard.drift_coef:g}, gram_coef={guard.gram_coef:g} in {guard.coef_units} units, "
+            f"anchors={args.anchors})"
         )
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(args.output_dir)
     guard.remove()
     if training_args.should_save:
         print(f"saved the adapter, tokenizer and refusal basis to {args.output_dir}")
+    return 0
+
+
+def _train_plain(model, tokenizer, tokenized, training_args, resume, args) -> int:
+    """--no-guard: the same LoRA run through the plain Trainer, no hooks, no penalty."""
+    from transformers import DataCollatorForSeq2Seq, Trainer
+
+    if "prompt_lengths" in tokenized.column_names:
+        tokenized = tokenized.remove_columns("prompt_lengths")
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, return_tensors="pt")
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=tokenized, data_collator=collator, processing_class=tokenizer
+    )
+    if training_args.should_save and not args.quiet:
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        print(f"training {n_params:,} LoRA parameters on {len(tokenized)} examples; no guard (--no-guard)")
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)
+    if training_args.should_save:
+        print(f"saved the adapter and tokenizer to {args.output_dir} (no guard)")
     return 0

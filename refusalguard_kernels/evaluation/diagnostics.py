@@ -435,9 +435,11 @@ def plot_report(report: dict, path: str | os.PathLike) -> str:
             axes[2].plot(layers, values, marker, label=name)
     axes[2].set_title("harmfulness-refusal coupling (cosine)")
     axes[2].legend(fontsize=8)
+    # One tick per layer overlaps beyond ~12 layers in a panel this wide (30 on SmolLM2): every n-th layer then.
+    step = max(1, math.ceil(len(layers) / 12))
     for ax in axes:
         ax.set_xlabel("layer")
-        ax.set_xticks(layers)
+        ax.set_xticks(layers[::step])
     fig.tight_layout()
     path = os.fspath(path)
     _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -39,15 +39,15 @@ How it behaves:
   the number of layers, making ``drift_coef``/``gram_coef`` independent of it.
 * Attention sinks: ``exclude_first=1`` (default) never guards the first non-padding token of
   a row under the named ``positions``.  In pre-norm LLMs that token carries massive
-  activations (SmolLM2-135M, layer 16: hidden norm 25,040 against a median of 184, cone
+  activations (SmolLM2-135M, layer 16: hidden norm 25,040 against a median of 187, cone
   coordinate 688 against 4.6) and would otherwise make up most of the penalty's gradient.
   The first ``arm`` warns when a guarded token's frozen coordinates are still over
   ``OUTLIER_RATIO`` times the median (another sink).
-* Dropout: anchors come from an eval-mode forward.  When dropout is active in the trained
-  model up to the last guarded layer (dropout modules with p > 0 in train mode, attention
-  dropout, LoRA dropout), ``penalty_forward`` computes the penalty on a separate eval-mode
-  forward (adapters on, stopped after the last guarded layer), so it sees no dropout noise
-  and is exactly 0 at step 0; the trainer does this by itself (``dropout_active``).
+* Dropout: anchors come from an eval-mode forward.  When the frozen model's own dropout is
+  active up to the last guarded layer (dropout modules with p > 0 in train mode, attention
+  dropout; not LoRA dropout, see ``dropout_active``), ``penalty_forward`` computes the penalty
+  on a separate eval-mode forward (adapters on, stopped after the last guarded layer), so it
+  sees no dropout noise and is exactly 0 at step 0; the trainer does this by itself.
 * Anchors are always the frozen weights': every PEFT adapter layer (LoRA, DoRA, IA3, ...)
   anywhere in the guarded model's tree is switched off for the anchor pass, whatever
   level the guard is attached to (PeftModel, ``peft_model.base_model``,
@@ -79,6 +79,7 @@ from .basis import RefusalBasis
 from .model_utils import (
     _autocast_off,
     _StopForward,
+    adapter_layers,
     find_decoder_layers_path,
     frozen_weights,
     layer_hidden,
@@ -274,6 +275,10 @@ class RefusalGuard:
             layer_reduction = "mean" if self.coef_units == "spread" else "sum"
         self.layer_reduction = layer_reduction
         self._outliers_checked = False
+        # Value checks that need a host sync run synchronously the first time (a misconfiguration shows at once)
+        # and are deferred afterwards: flags stay on the device until check_pending() (the trainer's log step).
+        self._checked_once: set[str] = set()
+        self._pending: dict[str, tuple[Tensor, str]] = {}
         self.model = model
         self.basis = basis
         self.positions = parse_positions(positions)
@@ -381,8 +386,7 @@ class RefusalGuard:
             start, _ = self._row_starts(mask)
             return mask * (offsets >= (start + self.exclude_first)[:, None]).to(torch.float32)
         start, prompt_len = self._prompt_bounds(batch, mask)
-        if not bool((prompt_len > 0).any()):
-            raise ValueError(self._no_boundary_message(batch))
+        self._check("boundary", ~(prompt_len > 0).any(), self._no_boundary_message(batch))
         kept = offsets >= (start + self.exclude_first)[:, None]
         start, end = start[:, None], (start + prompt_len)[:, None]
         in_prompt = (offsets >= start) & (offsets < end)
@@ -536,13 +540,40 @@ class RefusalGuard:
             raise RuntimeError(
                 f"the frozen forward did not reach layers {missing}; check layers_path={self.layers_path!r}"
             )
-        bad = torch.stack([~torch.isfinite(captured[layer]).all() for layer in self.layers])
-        if bad.any():
-            layers = [layer for layer, flag in zip(self.layers, bad.tolist()) if flag]
-            raise ValueError(
-                f"the frozen model produced NaN/Inf activations at layers {layers}; check the model and inputs"
-            )
+        bad = [~torch.isfinite(captured[layer]).all() for layer in self.layers]
+        device = bad[0].device
+        self._check(
+            "anchors",
+            torch.stack([flag.to(device) for flag in bad]).any(),
+            f"the frozen model produced NaN/Inf activations at one of the guarded layers {self.layers}; check the "
+            "model and inputs",
+        )
         return captured
+
+    def _check(self, key: str, bad: Tensor, message: str) -> None:
+        """Raise ValueError(message) when the 0-dim bool ``bad`` is True: at once the first time for ``key`` (one
+        host sync), afterwards at the next ``check_pending()`` (flags accumulate on the device, no sync)."""
+        if key not in self._checked_once:
+            self._checked_once.add(key)
+            if bool(bad):
+                raise ValueError(message)
+            return
+        pending = self._pending.get(key)
+        self._pending[key] = (bad if pending is None else pending[0] | bad.to(pending[0].device), message)
+
+    def check_pending(self) -> None:
+        """Raise the deferred value checks that failed since the last call (one host sync for all of them):
+        NaN/Inf anchors, a batch with no prompt token under positions 'prompt'/'response'/'fN+lM'.  The first
+        batch is always checked at once; ``RefusalGuardTrainer`` calls this at each log step, ``layer_losses()``
+        too.  Call it in your own loop where you read values back anyway."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, {}
+        device = next(iter(pending.values()))[0].device
+        flags = torch.stack([bad.to(device) for bad, _ in pending.values()]).tolist()
+        for (_, message), flag in zip(pending.values(), flags):
+            if flag:
+                raise ValueError(message)
 
     # ------------------------------------------------------------------ arming
 
@@ -600,7 +631,9 @@ class RefusalGuard:
 
     def _warn_outliers(self, anchors: dict[int, Tensor], weight: Tensor | None) -> None:
         """Warn when a guarded token's frozen coordinates dwarf the others' (an attention sink the
-        position rule did not exclude): such a token would make up most of the penalty."""
+        position rule did not exclude): such a token would make up most of the penalty.  One host
+        read-back for all layers (more only to word a warning)."""
+        stats = []
         for layer in self.layers:
             with _autocast_off():
                 norms = anchors[layer].detach().float().norm(dim=-1)
@@ -609,33 +642,46 @@ class RefusalGuard:
             if values.numel() < 4:
                 continue
             median, worst = values.median(), values.max()
-            if bool(median > 0) and bool(worst > OUTLIER_RATIO * median):
+            ratio = torch.where(median > 0, worst / median.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+            stats.append((layer, norms, guarded, median, worst, ratio))
+        if not stats:
+            return
+        device = stats[0][5].device
+        ratios = torch.stack([entry[5].to(device) for entry in stats]).tolist()
+        for (layer, norms, guarded, median, worst, _), ratio in zip(stats, ratios):
+            if ratio > OUTLIER_RATIO:
                 index = int((norms * guarded).reshape(-1).argmax())
                 row, position = divmod(index, norms.shape[-1])
                 warnings.warn(
                     f"layer {layer}: a guarded token (row {row}, position {position}) has frozen cone coordinates of "
-                    f"norm {float(worst):.3g}, {float(worst / median):.0f}x the median guarded token's "
-                    f"({float(median):.3g}); a token with massive activations (an attention sink) would dominate the "
-                    "penalty and its gradient. Exclude it: RefusalGuard(..., exclude_first=N) for leading tokens, or a "
-                    "[batch, seq] positions weight tensor",
+                    f"norm {float(worst):.3g}, {ratio:.0f}x the median guarded token's ({float(median):.3g}); a "
+                    "token with massive activations (an attention sink) would dominate the penalty and its "
+                    "gradient. Exclude it: RefusalGuard(..., exclude_first=N) for leading tokens, or a [batch, seq] "
+                    "positions weight tensor",
                     UserWarning,
                     stacklevel=3,
                 )
                 return
 
     def dropout_active(self, model: nn.Module | None = None) -> bool:
-        """True when a training forward of ``model`` (default: the guarded one) applies dropout at or
-        below the last guarded layer: a dropout module with p > 0 in train mode (LoRA dropout
-        included) or an attention module with ``attention_dropout > 0`` in train mode.  Then the
-        guarded hidden states carry dropout noise that the eval-mode anchors do not, and the
-        penalty belongs on a separate eval-mode forward (``penalty_forward``)."""
+        """True when a training forward of ``model`` (default: the guarded one) applies the frozen
+        model's own dropout at or below the last guarded layer: a dropout module with p > 0 in train
+        mode (embedding, residual, attention dropout modules) or an attention module with
+        ``attention_dropout > 0`` in train mode.  Then the guarded hidden states carry dropout noise
+        that the eval-mode anchors do not (the step-0 penalty is not 0), and the penalty belongs on a
+        separate eval-mode forward (``penalty_forward``).  Dropout inside adapter layers (LoRA
+        dropout) does not count: the adapter adds exactly 0 at step 0."""
         target = self._frozen_target(model)
         _, layer_modules = find_decoder_layers_path(target, self.layers_path)
-        above = {
-            id(m) for index, layer in enumerate(layer_modules) if index > self._last_layer for m in layer.modules()
-        }
+        skip = {id(m) for index, layer in enumerate(layer_modules) if index > self._last_layer for m in layer.modules()}
+        # LoRA dropout is left to the shared forward: the adapter is 0 at step 0 (exact zero penalty anyway), and its
+        # noise is the kind the task loss sees too, not worth a second forward (measured in docs/guard_scale.md).
+        for _, adapter in adapter_layers(target):
+            base = adapter.get_base_layer() if hasattr(adapter, "get_base_layer") else None
+            kept = set() if base is None else {id(m) for m in base.modules()}
+            skip.update(id(m) for m in adapter.modules() if id(m) not in kept)
         for module in target.modules():
-            if id(module) in above or not module.training:
+            if id(module) in skip or not module.training:
                 continue
             if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
                 return True
@@ -713,11 +759,22 @@ class RefusalGuard:
         return total
 
     def layer_losses(self) -> dict[int, float]:
-        """{layer: loss} of the latest armed forward as Python floats (for logging; syncs)."""
-        if not self._losses:
-            return {}
-        values = torch.stack([self._losses[layer].detach().to(torch.float32).cpu() for layer in sorted(self._losses)])
-        return dict(zip(sorted(self._losses), values.tolist()))
+        """{layer: loss} of the latest armed forward as Python floats (for logging; syncs with the
+        device -- ``layer_loss_values`` is the form that does not -- and raises any failed deferred
+        check, see ``check_pending``)."""
+        self.check_pending()
+        layers, values = self.layer_loss_values()
+        return dict(zip(layers, values.tolist()))
+
+    def layer_loss_values(self) -> tuple[list[int], Tensor]:
+        """(layers, losses) of the latest armed forward: the per-layer losses, detached, as one float32
+        tensor on the first layer's device in ``layers`` order.  No device -> host copy, so a trainer
+        can accumulate it every micro-batch and read it back only when it logs."""
+        layers = sorted(self._losses)
+        if not layers:
+            return [], torch.zeros(0)
+        device = self._losses[layers[0]].device
+        return layers, torch.stack([self._losses[layer].detach().to(device, torch.float32) for layer in layers])
 
     # ------------------------------------------------------------------ hooks
 

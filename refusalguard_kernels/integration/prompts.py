@@ -8,7 +8,11 @@ the column that holds the prompts.
 
 The built-in sets (``refusalguard_kernels/integration/data/prompts``) were written for this
 project: 80 short, generic requests a safety-aligned assistant should refuse (no
-actionable details), and 80 everyday requests of similar length and shape.
+actionable details), and 80 everyday requests of similar length and shape
+(``harmful`` / ``harmless``: what ``extract`` builds bases from).  ``harmful_eval`` /
+``harmless_eval`` are 50 + 50 more, held out for evaluation (``refusalguard eval``'s
+defaults): other topics and phrasings, no prompt shared with the extraction sets and none
+close to one (word-set Jaccard similarity below 0.5 to every extraction prompt; tested).
 """
 
 from __future__ import annotations
@@ -23,14 +27,15 @@ from pathlib import Path
 __all__ = ["load_prompts", "builtin_prompts", "BUILTIN_SETS"]
 
 #: names accepted by ``builtin_prompts`` and as ``"builtin:<name>"`` by ``load_prompts``.
-BUILTIN_SETS = ("harmful", "harmless")
+BUILTIN_SETS = ("harmful", "harmless", "harmful_eval", "harmless_eval")
 
 _BUILTIN_PREFIX = "builtin:"
 _FILE_SUFFIXES = (".txt", ".json", ".jsonl", ".csv")
 
 
 def builtin_prompts(name: str) -> list[str]:
-    """The built-in prompt set ``name`` ("harmful" or "harmless") as a new list."""
+    """The built-in prompt set ``name`` ("harmful", "harmless", or the held-out evaluation sets
+    "harmful_eval", "harmless_eval") as a new list."""
     if name not in BUILTIN_SETS:
         raise ValueError(f"unknown built-in prompt set {name!r}; choose one of {', '.join(BUILTIN_SETS)}")
     text = (

@@ -66,6 +66,20 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@cache
+def _capability(device_index: int) -> int:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return 10 * major + minor
+
+
+def device_capability(device: torch.device) -> int:
+    """10 * major + minor of a CUDA device, for per-architecture tile configs; 90 elsewhere (the
+    interpreter runs the sm_90 configs)."""
+    if device.type != "cuda":
+        return 90
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def persistent_programs(row_blocks: int, device: torch.device, per_sm: int = 2) -> int:
     """Programs for a grid-stride launch: enough to fill the chip, no more.
 

@@ -4,7 +4,9 @@ Three kernels, two passes over the N x d data:
 
 * ``_penalty_fwd_kernel``: one read of H.  Z = H B (fp32 accumulate), written as
   N x k, and -- when a loss is wanted -- each program's partial sums of W, of
-  w_t ||Z_t - A_t||^2 and of w_t (Z_t Z_t^T - A_t A_t^T).
+  w_t ||Z_t - A_t||^2 and of w_t (Z_t Z_t^T - A_t A_t^T), the last one computed as
+  sym(E^T W P) with E = Z - A, P = Z + A (one k x k product, not two, and no cancellation
+  between two large Gram sums when Z is near A).
 * ``_penalty_finalize_kernel``: one program adds the partials in a fixed order
   (deterministic, no atomics) and writes the loss plus the k x k "state" the
   backward needs: [2 drift_coef / W, 4 gram_coef / W, (G - G_A)].
@@ -20,7 +22,19 @@ Precision of the dots (tl.dot accumulates in fp32 in every case):
 * fp16/bf16 hidden, backward: dL/dZ and B are both split into bf16 hi + lo and
   the three leading products are summed (bf16 keeps fp32's range, so tiny
   1/W-scaled gradients do not underflow as they would in fp16).
-The k x k products (Gram partials, Z (G - G_A)) are always ieee fp32.
+* The k x k products (Gram partials, Z (G - G_A)) are ieee fp32.  The Gram partial reduces
+  over the tile's rows as GRAM_CHUNKS batched dots of BLOCK_N / GRAM_CHUNKS rows, summed: a
+  single fp32 dot over all BLOCK_N rows holds whole operand rows per thread and spilled
+  (scripts/kernel_resources.py); the batched one spreads the chunks over the warps.  The
+  chunk count is part of the tile config (TileConfig.gram_chunks).
+
+Register budget (static, from ``scripts/kernel_resources.py``; benchmarks/NOTES.md has the
+table): k is a constexpr, so every row stride of B, Z and A and the k mask are known at
+compile time -- vector loads and no runtime mask arithmetic; with a runtime k the forward ran
+out of registers and the bf16 backward needed twice as many.  The forward takes 8 warps from a
+padded k of 32 on (FWD_WIDE_CONFIG), where two 128 x k fp32 accumulators do not fit in the
+registers of 4 warps (see the tile configs below for the rest).  One compile per distinct k; a
+training run uses one k.
 
 The basis is split inside the kernels, not once per call into cached halves: an fp32
 tile is as many bytes as its bf16 hi + lo, and a cache keyed on the tensor can serve
@@ -44,7 +58,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .layout import interpreting, new_output, padded_k, persistent_programs, row_layout
+from .layout import device_capability, interpreting, new_output, padded_k, persistent_programs, row_layout
 
 
 class TileConfig(NamedTuple):
@@ -54,15 +68,31 @@ class TileConfig(NamedTuple):
     num_warps: int
     num_stages: int  # software-pipelining depth of the loop over d
     programs_per_sm: int  # persistent grid: programs per SM
+    gram_chunks: int = 4  # forward only: row chunks of the Gram partial's batched dot (see the module docstring)
 
     def block_d(self, dtype: torch.dtype) -> int:
         return self.block_d_fp32 if dtype == torch.float32 else self.block_d_half
 
 
-# Chosen by benchmarks/tune_triton.py on an H100 (bf16, N=16384, d=4096, k=8); see benchmarks/NOTES.md.
-# project() and the loss forward share FWD_CONFIG, which is what makes their Z bitwise equal.
+# Tile configs.  FWD_CONFIG and BWD_CONFIG were chosen by benchmarks/tune_triton.py on an H100 (bf16,
+# N=16384, d=4096, k=8; benchmarks/NOTES.md).  The others keep every launch free of register spills where
+# the tuned ones spill, measured statically (scripts/kernel_resources.py: sm_90 and sm_80, every dtype,
+# k in 1/8/16/64, the benchmark grid's shapes and a ragged one), not yet timed on a GPU:
+# * padded k >= WIDE_K, forward: 8 warps (two warpgroups) so the two 128 x k fp32 accumulators fit, half
+#   as many columns per tile, and the Gram partial in 2 chunks of 64 rows (4 or 8 chunks spill on sm_90:
+#   the batched dot's k x k outputs grow with the chunk count; on sm_80 it is the other way round);
+# * below sm_90 (no wgmma): 32 fp32 columns per forward tile -- with 64, ptxas keeps the fp32 dot in 32
+#   registers and spills ~5 KB per thread;
+# * padded k >= 64, backward: 32 fp32 columns per tile (with 128 the fp32 backward spilled on ragged shapes).
+# project() and the loss forward share fwd_config(k, ...), which is what makes their Z bitwise equal.
 FWD_CONFIG = TileConfig(block_n=128, block_d_half=128, block_d_fp32=64, num_warps=4, num_stages=3, programs_per_sm=1)
+FWD_WIDE_CONFIG = FWD_CONFIG._replace(block_d_half=64, block_d_fp32=32, num_warps=8, gram_chunks=2)
+FWD_CONFIG_SM80 = FWD_CONFIG._replace(block_d_fp32=32)
+FWD_WIDE_CONFIG_SM80 = FWD_WIDE_CONFIG._replace(gram_chunks=4)
+WIDE_K = 32
 BWD_CONFIG = TileConfig(block_n=32, block_d_half=128, block_d_fp32=128, num_warps=8, num_stages=3, programs_per_sm=4)
+BWD_WIDE_CONFIG = BWD_CONFIG._replace(block_d_fp32=32)
+BWD_WIDE_K = 64
 FINALIZE_TILE = 16384  # elements of the partials the finalize program loads at once
 FINALIZE_WARPS = 8
 
@@ -88,13 +118,13 @@ def _penalty_fwd_kernel(
     PART,
     N,
     d,
-    k,
     n1,
     s_h0,
     s_h1,
     s_hd,
     num_row_blocks,
     part_width,
+    K: tl.constexpr,
     SPLIT_BASIS: tl.constexpr,
     COMPUTE_LOSS: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -106,13 +136,19 @@ def _penalty_fwd_kernel(
     EVEN_N: tl.constexpr,
     EVEN_D: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
+    GRAM_CHUNKS: tl.constexpr,
 ):
     """Z_t = sum_j H_tj B_j (fp32) and per-program partials
     W_p = sum w_t,  drift_p = sum w_t ||Z_t - A_t||^2,  D_p = sum w_t (Z_t Z_t^T - A_t A_t^T)
-    over the row blocks this program visits (grid-stride)."""
+    over the row blocks this program visits (grid-stride).  K is k; BLOCK_K its power-of-two
+    padding (>= 16, what the tensor cores take).
+
+    D_p = (X_p + X_p^T) / 2 with X_p = sum_t w_t (Z_t - A_t)(Z_t + A_t)^T: expanding, the cross
+    terms Z A^T - A Z^T are antisymmetric and cancel in the symmetric part.  Z == A bitwise
+    gives E == 0 and so D == 0 exactly."""
     pid = tl.program_id(0)
     offs_k = tl.arange(0, BLOCK_K)
-    kmask = offs_k < k
+    kmask = offs_k < K
     w_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     drift_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     gram_acc = tl.zeros([BLOCK_K, BLOCK_K], dtype=tl.float32)
@@ -125,7 +161,7 @@ def _penalty_fwd_kernel(
         cols = tl.arange(0, BLOCK_D)
         # Pointers advance by one tile a step: no per-element 64-bit index math in the loop.
         h_ptrs = H + row_off[:, None] + cols[None, :] * s_hd
-        b_ptrs = B + cols[:, None] * k + offs_k[None, :]
+        b_ptrs = B + cols[:, None] * K + offs_k[None, :]
         for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
             if EVEN_D:
                 if EVEN_N:
@@ -146,14 +182,14 @@ def _penalty_fwd_kernel(
                 z_lo = _half_dot(h, b_lo, z_lo, UPCAST_DOT)
             else:
                 z = tl.dot(h, b, z, input_precision="ieee")
-            b_ptrs += BLOCK_D * k
+            b_ptrs += BLOCK_D * K
             h_ptrs += BLOCK_D * s_hd
         if SPLIT_BASIS:
             z = z + z_lo
         zk_mask = rmask[:, None] & kmask[None, :]
-        tl.store(Z + rows[:, None] * k + offs_k[None, :], z, mask=zk_mask)
+        tl.store(Z + rows[:, None] * K + offs_k[None, :], z, mask=zk_mask)
         if COMPUTE_LOSS:
-            a = tl.load(A + rows[:, None] * k + offs_k[None, :], mask=zk_mask, other=0.0)
+            a = tl.load(A + rows[:, None] * K + offs_k[None, :], mask=zk_mask, other=0.0)
             if HAS_WEIGHT:
                 w = tl.load(WT + rows, mask=rmask, other=0.0)
             else:
@@ -162,17 +198,18 @@ def _penalty_fwd_kernel(
             w_acc += w
             drift_acc += w * tl.sum(diff * diff, axis=1)
             if GRAM:
-                # Same op sequence for Z and A: Z == A bitwise gives D == 0 exactly.
-                gram_acc += tl.dot(tl.trans(z * w[:, None]), z, input_precision="ieee") - tl.dot(
-                    tl.trans(a * w[:, None]), a, input_precision="ieee"
-                )
+                # X += (E w)^T P, as GRAM_CHUNKS batched dots over row chunks (see the module docstring).
+                ew = tl.reshape(diff * w[:, None], (GRAM_CHUNKS, BLOCK_N // GRAM_CHUNKS, BLOCK_K))
+                p = tl.reshape(z + a, (GRAM_CHUNKS, BLOCK_N // GRAM_CHUNKS, BLOCK_K))
+                gram_acc += tl.sum(tl.dot(tl.permute(ew, (0, 2, 1)), p, input_precision="ieee"), axis=0)
     if COMPUTE_LOSS:
         part = PART + pid.to(tl.int64) * part_width
         tl.store(part, tl.sum(w_acc, axis=0))
         tl.store(part + 1, tl.sum(drift_acc, axis=0))
         if GRAM:
+            gram_acc = 0.5 * (gram_acc + tl.trans(gram_acc))
             gmask = kmask[:, None] & kmask[None, :]
-            tl.store(part + 2 + offs_k[:, None] * k + offs_k[None, :], gram_acc, mask=gmask)
+            tl.store(part + 2 + offs_k[:, None] * K + offs_k[None, :], gram_acc, mask=gmask)
 
 
 @triton.jit
@@ -220,12 +257,12 @@ def _penalty_bwd_kernel(
     B,
     N,
     d,
-    k,
     n1,
     s_g0,
     s_g1,
     s_gd,
     num_row_blocks,
+    K: tl.constexpr,
     DZ_GIVEN: tl.constexpr,
     HAS_GRAD_IN: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
@@ -244,24 +281,24 @@ def _penalty_bwd_kernel(
     c1, c2, G - G_A come from the finalize kernel's state."""
     pid = tl.program_id(0)
     offs_k = tl.arange(0, BLOCK_K)
-    kmask = offs_k < k
+    kmask = offs_k < K
     if not DZ_GIVEN:
         c1 = tl.load(STATE)
         c2 = tl.load(STATE + 1)
         s = tl.load(GLOSS).to(tl.float32)
         if GRAM:
             m = tl.load(
-                STATE + 2 + offs_k[:, None] * k + offs_k[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0
+                STATE + 2 + offs_k[:, None] * K + offs_k[None, :], mask=kmask[:, None] & kmask[None, :], other=0.0
             )
     for rb in range(pid, num_row_blocks, tl.num_programs(0)):
         rows = (rb * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # 64-bit offsets from here on
         rmask = rows < N
         zk_mask = rmask[:, None] & kmask[None, :]
-        z = tl.load(Z + rows[:, None] * k + offs_k[None, :], mask=zk_mask, other=0.0)
+        z = tl.load(Z + rows[:, None] * K + offs_k[None, :], mask=zk_mask, other=0.0)
         if DZ_GIVEN:
             dz = z
         else:
-            a = tl.load(A + rows[:, None] * k + offs_k[None, :], mask=zk_mask, other=0.0)
+            a = tl.load(A + rows[:, None] * K + offs_k[None, :], mask=zk_mask, other=0.0)
             if HAS_WEIGHT:
                 w = tl.load(WT + rows, mask=rmask, other=0.0)
             else:
@@ -277,7 +314,7 @@ def _penalty_bwd_kernel(
         cols = tl.arange(0, BLOCK_D)
         gin_ptrs = GIN + gin_off[:, None] + cols[None, :] * s_gd
         out_ptrs = GOUT + rows[:, None] * d + cols[None, :]
-        bt_ptrs = B + offs_k[:, None] + cols[None, :] * k
+        bt_ptrs = B + offs_k[:, None] + cols[None, :] * K
         for d0 in tl.range(0, d, BLOCK_D, num_stages=NUM_STAGES):
             cmask = (d0 + cols) < d
             if EVEN_D:
@@ -292,7 +329,7 @@ def _penalty_bwd_kernel(
                 g = _half_dot(dz_hi, bt_lo, g, UPCAST_DOT)
             else:
                 g = tl.dot(dz, bt, input_precision="ieee")
-            bt_ptrs += BLOCK_D * k
+            bt_ptrs += BLOCK_D * K
             if EVEN_N and EVEN_D:
                 if HAS_GRAD_IN:
                     g += tl.load(gin_ptrs).to(tl.float32)
@@ -311,6 +348,18 @@ def _penalty_bwd_kernel(
 # basis fp32 contiguous (d, k); anchors fp32 contiguous (N, k); weight fp32 contiguous (N,) or None.
 
 
+def fwd_config(k: int, capability: int) -> TileConfig:
+    """The forward's tiles for basis width k on a GPU of compute capability ``capability`` (10 major + minor)."""
+    wide = padded_k(k) >= WIDE_K
+    if capability < 90:
+        return FWD_WIDE_CONFIG_SM80 if wide else FWD_CONFIG_SM80
+    return FWD_WIDE_CONFIG if wide else FWD_CONFIG
+
+
+def bwd_config(k: int) -> TileConfig:
+    return BWD_WIDE_CONFIG if padded_k(k) >= BWD_WIDE_K else BWD_CONFIG
+
+
 def _tile_meta(cfg: TileConfig, N: int, d: int, k: int, block_d: int) -> dict:
     """The tile constexprs both main kernels take, from the tile config and the shape (the EVEN_*
     flags drop the masks on full tiles)."""
@@ -324,6 +373,13 @@ def _tile_meta(cfg: TileConfig, N: int, d: int, k: int, block_d: int) -> dict:
         UPCAST_DOT=interpreting(),
         num_warps=cfg.num_warps,
     )
+
+
+def _interpreter_truncates(dtype: torch.dtype) -> bool:
+    """The interpreter casts fp32 -> bf16 by truncation where the GPU rounds to nearest even:
+    there the backward writes fp32 and lets torch round, so CI checks the GPU's arithmetic
+    (tests/test_triton_penalty.py: test_bf16_gradients_round_to_nearest)."""
+    return interpreting() and dtype == torch.bfloat16
 
 
 def _device_context(device: torch.device):
@@ -341,7 +397,7 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
     lay = row_layout(hidden)
     N, d, k = lay.rows, hidden.shape[-1], basis.shape[1]
     device = hidden.device
-    cfg = FWD_CONFIG
+    cfg = fwd_config(k, device_capability(device))
     block_d = cfg.block_d(hidden.dtype)
     row_blocks = triton.cdiv(N, cfg.block_n)
     programs = persistent_programs(row_blocks, device, cfg.programs_per_sm)
@@ -359,17 +415,18 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
         partials,
         N,
         d,
-        k,
         lay.n1,
         lay.stride0,
         lay.stride1,
         lay.stride_col,
         row_blocks,
         part_width,
+        K=k,
         SPLIT_BASIS=split,
         COMPUTE_LOSS=compute_loss,
         HAS_WEIGHT=weight is not None,
         GRAM=gram,
+        GRAM_CHUNKS=max(1, min(cfg.gram_chunks, cfg.block_n // 16)),  # a dot reduces over >= 16 rows
         **_tile_meta(cfg, N, d, k, block_d),
     )
     if not compute_loss:
@@ -412,16 +469,14 @@ def _backward(
     d = hidden_shape[-1]
     device = coords.device
     out = new_output(hidden_shape, hidden_dtype, device)
-    # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even:
-    # there, write fp32 and let torch round, so CI checks the GPU's arithmetic.
-    emulate_rounding = interpreting() and hidden_dtype == torch.bfloat16
+    emulate_rounding = _interpreter_truncates(hidden_dtype)
     kernel_out = new_output(hidden_shape, torch.float32, device) if emulate_rounding else out
     if grad_in is not None:
         lay = row_layout(grad_in)
         gin, n1, s0, s1, sd = lay.tensor, lay.n1, lay.stride0, lay.stride1, lay.stride_col
     else:
         gin, n1, s0, s1, sd = kernel_out, 1, 0, 0, 0
-    cfg = BWD_CONFIG
+    cfg = bwd_config(k)
     block_d = cfg.block_d(hidden_dtype)
     row_blocks = triton.cdiv(N, cfg.block_n)
     programs = persistent_programs(row_blocks, device, cfg.programs_per_sm)
@@ -438,12 +493,12 @@ def _backward(
         basis,
         N,
         d,
-        k,
         n1,
         s0,
         s1,
         sd,
         row_blocks,
+        K=k,
         DZ_GIVEN=dz_given,
         HAS_GRAD_IN=grad_in is not None,
         HAS_WEIGHT=weight is not None,

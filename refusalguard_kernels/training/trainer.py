@@ -136,9 +136,9 @@ class RefusalGuardMixin:
         warmup_schedule: "linear" or "cosine" (see ``warmup_scale``).
         anchor_column: column prefix of the cached anchors.
         save_basis: write the basis beside the model/adapter in ``save_model`` and checkpoints.
-        penalty_forward: "auto" (default): "separate" when dropout is active at or below the last
-            guarded layer (``guard.dropout_active``: dropout modules, attention dropout, LoRA
-            dropout), else "shared".  "shared": the penalty comes from the training forward.
+        penalty_forward: "auto" (default): "separate" when the frozen model's own dropout is active
+            at or below the last guarded layer (``guard.dropout_active``: dropout modules, attention
+            dropout; LoRA dropout alone does not count), else "shared".  "shared": the penalty comes from the training forward.
             "separate": from its own eval-mode forward (``guard.penalty_forward``: no dropout
             noise in the drift term, exactly 0 at step 0; one partial forward and backward more),
             and the task loss from the usual train-mode forward.
@@ -267,7 +267,7 @@ class RefusalGuardMixin:
                 autocast_dtype=training_autocast_dtype(self.args),
             )
         self._guard_sums: Tensor | None = None
-        self._guard_layer_sums: dict[int, float] = {}
+        self._guard_layer_sums: dict[int, Tensor] = {}
         self._guard_steps = 0.0  # optimizer steps recorded since the last log (resuming-safe)
         self._guard_scale_now = self.coef_scale(0)
 
@@ -386,19 +386,25 @@ class RefusalGuardMixin:
         task = task_loss.detach().float() / (1 if scaled else accumulation)
         values = torch.stack([task, penalty.detach().float().to(task.device) / accumulation])
         self._guard_sums = values if self._guard_sums is None else self._guard_sums + values
-        for layer, value in self.guard.layer_losses().items():
-            self._guard_layer_sums[layer] = self._guard_layer_sums.get(layer, 0.0) + value / accumulation
+        # Device tensors only: a read-back here would stall the host every micro-batch; log() reads them.
+        layers, layer_values = self.guard.layer_loss_values()
+        for layer, value in zip(layers, (layer_values.to(task.device) / accumulation).unbind()):
+            previous = self._guard_layer_sums.get(layer)
+            self._guard_layer_sums[layer] = value if previous is None else previous + value
         self._guard_steps += 1.0 / accumulation
         self._guard_scale_now = scale
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        self.guard.check_pending()  # deferred value checks: raised here, where the log reads values back anyway
         steps = round(self._guard_steps)
         if "loss" in logs and self._guard_sums is not None and steps > 0:
             layers = sorted(self._guard_layer_sums)
             values = torch.cat(
                 [
                     self._guard_sums,
-                    torch.tensor([self._guard_layer_sums[layer] for layer in layers], device=self._guard_sums.device),
+                    torch.stack([self._guard_layer_sums[layer].to(self._guard_sums.device) for layer in layers])
+                    if layers
+                    else self._guard_sums.new_zeros(0),
                 ]
             )
             if self.args.world_size > 1:
