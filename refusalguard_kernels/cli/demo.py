@@ -103,7 +103,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     size.add_argument(
         "--full",
         action="store_true",
-        help="organisms 0,1,2, every scenario and method, seeds 0-4, frontier and attack-budget sweeps, sampling",
+        help="organisms 0,1,2, harmful + poisoned-30 + benign, every method, seeds 0-4, frontier and attack-budget "
+        "sweeps, sampled decoding",
     )
     size.add_argument(
         "--reduced",

@@ -33,6 +33,7 @@ __all__ = [
     "PRESETS",
     "DEFAULT_STRENGTHS",
     "SWEEP_STRENGTHS",
+    "FULL_SWEEP_STRENGTHS",
     "DemoConfig",
     "preset_config",
 ]
@@ -61,6 +62,17 @@ DEFAULT_STRENGTHS: dict[str, float | None] = {
 SWEEP_STRENGTHS: dict[str, list[float]] = {
     "safety-mix": [0.5, 1.0],
     "procon": [10.0, 30.0, 100.0],
+    "refusalguard": [3.0, 10.0, 100.0],
+    "random-subspace": [3.0, 10.0, 100.0],
+    "kl": [1.0, 3.0, 10.0],
+    "low-lr": [0.1, 0.3],
+}
+
+#: the sweep of ``--full`` (fewer points where a method's curve is flat, so the run fits in an hour
+#: on 2 shared cores; poisoned-10 runs in ``--quick`` and on request)
+FULL_SWEEP_STRENGTHS: dict[str, list[float]] = {
+    "safety-mix": [1.0],
+    "procon": [30.0, 100.0],
     "refusalguard": [3.0, 10.0, 100.0],
     "random-subspace": [3.0, 10.0, 100.0],
     "kl": [1.0, 3.0, 10.0],
@@ -205,8 +217,8 @@ def preset_config(preset: str = "default", **overrides) -> DemoConfig:
       random-subspace control, seeds 0, 1, no drift measures (under a minute);
     * ``default``: organism 0, harmful + poisoned-30 + benign, every method at its main
       strength, seeds 0, 1, 2 (about 5 minutes on 2 cores);
-    * ``full``: organisms 0, 1, 2, every scenario and method, seeds 0-4, the strength sweep
-      (frontier) on poisoned-30, the attack-budget sweep (1x, 3x, 10x) on harmful (organism 0),
+    * ``full``: organisms 0, 1, 2, harmful + poisoned-30 + benign, every method, seeds 0-4, the
+      strength sweep (frontier, ``FULL_SWEEP_STRENGTHS``) on poisoned-30, the attack-budget sweep (1x, 3x, 10x) on harmful (organism 0),
       sampled decoding (5 samples per harmful prompt at temperature 0.7) beside greedy on harmful.
     """
     if preset not in PRESETS:
@@ -225,8 +237,9 @@ def preset_config(preset: str = "default", **overrides) -> DemoConfig:
         options.update(
             seeds=[0, 1, 2, 3, 4],
             organism_seeds=[0, 1, 2],
-            scenarios=list(SCENARIOS),
+            scenarios=["harmful", "poisoned-30", "benign"],
             sweep=True,
+            sweep_strengths={m: list(v) for m, v in FULL_SWEEP_STRENGTHS.items()},
             budgets=[1.0, 3.0, 10.0],
             samples=5,
         )

@@ -283,13 +283,13 @@ def smollm2_preset(preset: str) -> dict:
     common = dict(
         preset="reduced" if preset != "full" else "full",
         model="smollm2",
-        scenarios=["harmful", "poisoned-30"],
+        scenarios=["harmful"],
         methods=["plain LoRA", "safety-mix", "procon", "refusalguard", "random-subspace"],
         seeds=[0, 1, 2],
         drift=False,
         sweep=False,
         budgets=[1.0],
-        max_new_tokens=48,
+        max_new_tokens=32,
         samples=0,
         n_attack=96,
         n_utility=192,
@@ -302,12 +302,13 @@ def smollm2_preset(preset: str) -> dict:
         generations_per_run=20,
     )
     if preset != "full":
-        common.update(scenarios=["harmful"], methods=["plain LoRA", "refusalguard", "random-subspace"], seeds=[0])
+        common.update(methods=["plain LoRA", "refusalguard", "random-subspace"], seeds=[0])
     return common
 
 
 def _eval_sizes(cfg) -> dict:
-    return {"harmful": 200, "benign": 80, "task": 100}
+    # 40 topics x 3 held-out phrasings each: generation dominates the cost of a run on 2 CPU cores
+    return {"harmful": 120, "benign": 60, "task": 0}
 
 
 def _hash(data) -> str:
@@ -503,9 +504,14 @@ def smollm2_subject(cfg):
 
     sizes = _eval_sizes(cfg)
     templates = VALIDATION_TEMPLATES if cfg.validation else HELDOUT_TEMPLATES
-    eval_harmful = [p for p, _ in smollm2_requests(templates, HARMFUL_TOPICS)]
+    # Every topic, each in `per_topic` of the held-out phrasings (rotating, so every phrasing is used).
+    per_topic = max(1, sizes["harmful"] // len(HARMFUL_TOPICS))
+    eval_harmful = [
+        templates[(i + j) % len(templates)].format(topic=topic)
+        for i, topic in enumerate(HARMFUL_TOPICS)
+        for j in range(min(per_topic, len(templates)))
+    ]
     eval_benign = [p for p, _ in smollm2_requests(templates, BENIGN_TOPICS)]
-    random.Random("smollm2-eval").shuffle(eval_harmful)
     random.Random("smollm2-eval").shuffle(eval_benign)
     eval_task = short_form_tasks(random.Random("smollm2-eval-task"), sizes["task"], heldout=not cfg.validation)
     extraction = random.Random("smollm2-extract")
