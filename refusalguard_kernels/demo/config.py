@@ -105,6 +105,8 @@ class DemoConfig:
     budget_scenarios: list[str] = field(default_factory=lambda: ["harmful"])
     budget_methods: list[str] = field(default_factory=lambda: ["plain LoRA", "refusalguard", "random-subspace", "kl"])
     budget_organisms: list[int] = field(default_factory=lambda: [0])  # organisms that run the budget sweep
+    # organisms that run the strength sweep (None: every organism); --full sweeps organism 0 only
+    sweep_organisms: list[int] | None = None
     # the guards (RefusalGuard, ProCon, random subspace)
     k: int = 3
     gram_ratio: float = 0.03  # gram_coef = gram_ratio * drift_coef (spread units)
@@ -142,6 +144,8 @@ class DemoConfig:
     def __post_init__(self):
         self.seeds = [int(s) for s in self.seeds]
         self.organism_seeds = [int(s) for s in self.organism_seeds]
+        if self.sweep_organisms is not None:
+            self.sweep_organisms = [int(s) for s in self.sweep_organisms]
         self.budgets = [float(b) for b in self.budgets]
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {list(PRESETS)}")
@@ -218,7 +222,7 @@ def preset_config(preset: str = "default", **overrides) -> DemoConfig:
     * ``default``: organism 0, harmful + poisoned-30 + benign, every method at its main
       strength, seeds 0, 1, 2 (about 5 minutes on 2 cores);
     * ``full``: organisms 0, 1, 2, harmful + poisoned-30 + benign, every method, seeds 0-4, the
-      strength sweep (frontier, ``FULL_SWEEP_STRENGTHS``) on poisoned-30, the attack-budget sweep (1x, 3x, 10x) on harmful (organism 0),
+      strength sweep (frontier, ``FULL_SWEEP_STRENGTHS``) on poisoned-30 (organism 0), the attack-budget sweep (1x, 3x, 10x) on harmful (organism 0),
       sampled decoding (5 samples per harmful prompt at temperature 0.7) beside greedy on harmful.
     """
     if preset not in PRESETS:
@@ -240,6 +244,7 @@ def preset_config(preset: str = "default", **overrides) -> DemoConfig:
             scenarios=["harmful", "poisoned-30", "benign"],
             sweep=True,
             sweep_strengths={m: list(v) for m, v in FULL_SWEEP_STRENGTHS.items()},
+            sweep_organisms=[0],
             budgets=[1.0, 3.0, 10.0],
             samples=5,
         )

@@ -44,9 +44,10 @@ __all__ = [
 RESULT_VERSION = 1
 
 
-def plan_runs(cfg: DemoConfig, *, budgets: bool = True) -> list[dict]:
+def plan_runs(cfg: DemoConfig, *, budgets: bool = True, sweep: bool = True) -> list[dict]:
     """The runs of one subject, in order: dicts with scenario, method, strength, budget and kind
-    ("main", "sweep" or "budget"); ``budgets=False`` leaves out the attack-budget sweep."""
+    ("main", "sweep" or "budget"); ``budgets=False`` leaves out the attack-budget sweep,
+    ``sweep=False`` the strength sweep."""
     plan: list[dict] = []
     seen = set()
 
@@ -60,7 +61,7 @@ def plan_runs(cfg: DemoConfig, *, budgets: bool = True) -> list[dict]:
     for scenario in cfg.scenarios:
         for method in cfg.methods:
             add(scenario, method, main(method), 1.0, "main")
-    if cfg.sweep:
+    if cfg.sweep and sweep:
         for scenario in cfg.sweep_scenarios:
             for method in cfg.methods:
                 add(scenario, method, main(method), 1.0, "main")
@@ -185,7 +186,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     t_start = time.perf_counter()
     os.makedirs(cfg.output_dir, exist_ok=True)
     plans = {
-        seed: plan_runs(cfg, budgets=cfg.model == "smollm2" or seed in cfg.budget_organisms)
+        seed: plan_runs(
+            cfg,
+            budgets=cfg.model == "smollm2" or seed in cfg.budget_organisms,
+            sweep=cfg.model == "smollm2" or cfg.sweep_organisms is None or seed in cfg.sweep_organisms,
+        )
         for seed in ([0] if cfg.model == "smollm2" else cfg.organism_seeds)
     }
     bar = tqdm(
