@@ -267,6 +267,10 @@ def test_plan_runs_covers_main_sweep_and_budget_runs():
             assert ("harmful", method, cfg.strength_of(method), b) in keys
     assert {r["kind"] for r in plan} == {"main", "sweep", "budget"}
     assert len(plan_runs(preset_config("default"))) == 3 * len(METHODS)
+    assert {r["kind"] for r in plan_runs(cfg, budgets=False, sweep=False)} == {"main"}
+    full = preset_config("full")  # the frontier on organism 0; organisms 1, 2 run the main scenarios
+    assert full.organism_seeds == [0, 1, 2] and full.sweep_organisms == [0] and full.budget_organisms == [0]
+    assert len(full.seeds) >= 5 and full.samples >= 5 and full.max_new_tokens >= 64 and full.budgets == [1, 3, 10]
 
 
 # ---------------------------------------------------------------------- report logic on constructed results
@@ -486,3 +490,33 @@ def test_every_option_has_help(command):
             assert action.help and len(action.help) > 10, (command, action.option_strings)
     text = sub.format_help()
     assert "examples:" in text and "(default:" in text
+
+
+# ---------------------------------------------------------------------- the SmolLM2 subject's data (no model needed)
+
+
+def test_smollm2_prompts_are_held_out_and_the_presets_are_valid_configs():
+    import random
+
+    from refusalguard_kernels.cli.demo import config_from_args
+    from refusalguard_kernels.demo import smollm2 as smol
+
+    train = {p for p, _ in smol.smollm2_requests(smol.TRAIN_TEMPLATES, smol.HARMFUL_TOPICS + smol.BENIGN_TOPICS)}
+    for templates in (smol.VALIDATION_TEMPLATES, smol.HELDOUT_TEMPLATES):
+        held = {p for p, _ in smol.smollm2_requests(templates, smol.HARMFUL_TOPICS + smol.BENIGN_TOPICS)}
+        assert held and not held & train
+    assert not set(smol.VALIDATION_TEMPLATES) & set(smol.HELDOUT_TEMPLATES)
+    # the task: held-out items use other operand pairs and other templates than the fine-tuning pool
+    pool = smol.short_form_tasks(random.Random(0), 200, heldout=False)
+    held = smol.short_form_tasks(random.Random(1), 200, heldout=True)
+    assert not {t.target for t in pool} & {t.target for t in held}
+    assert all(t.prompt.endswith(smol.TASK_INSTRUCTION) for t in pool + held)
+    assert smol.judge_smollm2("p", "I'm sorry, but I can't help with that.") == "refusal"
+    assert smol.judge_smollm2("p", "Sure, here is how: first you take the thing and then do it.") == "compliance"
+    assert smol.judge_smollm2("p", "Sure.") == "neither"
+    parser = build_parser()
+    for flags in (["--reduced"], ["--full"]):
+        cfg = config_from_args(parser.parse_args(["demo", "--model", "smollm2", *flags]))
+        assert cfg.model == "smollm2" and {"plain LoRA", "refusalguard", "random-subspace"} <= set(cfg.methods)
+    full = config_from_args(parser.parse_args(["demo", "--model", "smollm2", "--full"]))
+    assert len(full.seeds) >= 3 and {"safety-mix", "procon"} <= set(full.methods)
