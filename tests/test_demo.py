@@ -316,7 +316,12 @@ def test_frontier_claims_specificity_only_when_the_guard_beats_every_control():
         results.append(_result("m", "poisoned-30", "low-lr", 0.3, seed, refusal=0.3, task=0.86, kind="sweep"))
     report = build_report(results, cfg, {"m": {}}, timings={}, counts={})
     (frontier,) = report["frontier"]
-    top = frontier["bars"][-1]
+    top = next(b for b in frontier["bars"] if b["gain_kept"] == 0.8)
+    # the matched-utility bar: the guard's own main-setting task accuracy
+    matched = frontier["bars"][-1]
+    guard_main = next(r for r in report["rows"] if r["method"] == "refusalguard" and r["strength"] == 30.0)
+    assert matched["at_guard_main"] and matched["task_bar"] == guard_main["task_accuracy"]
+    assert matched["best"]["refusalguard"]["strength"] == 30.0
     assert top["gain_kept"] == 0.8 and top["task_bar"] == pytest.approx(0.8 * frontier["task_gain"], abs=0.05)
     verdicts = {c: v["verdict"] for c, v in top["guard_vs_controls"].items()}
     assert verdicts == {"random-subspace": "guard better", "kl": "guard better", "low-lr": "guard better"}
@@ -335,7 +340,8 @@ def test_frontier_claims_specificity_only_when_the_guard_beats_every_control():
             r["items"] = _result("m", "poisoned-30", "refusalguard", 30.0, r["seed"], refusal=0.95, task=0.85)["items"]
     report = build_report(results, cfg, {"m": {}}, timings={}, counts={})
     (frontier,) = report["frontier"]
-    assert frontier["bars"][-1]["guard_vs_controls"]["low-lr"]["verdict"] != "guard better"
+    top = next(b for b in frontier["bars"] if b["gain_kept"] == 0.8)
+    assert top["guard_vs_controls"]["low-lr"]["verdict"] != "guard better"
     assert 0.8 not in frontier["claim_specific_at"]
 
 

@@ -9,8 +9,10 @@ method's main one), ``seeds``, ``steps``; per metric ``m`` the mean ``m`` (over 
 items); ``per_seed``; the drift measures (organism).
 
 The frontier (``report["frontier"]``): on each sweep scenario, every method's points (task
-accuracy, refusal), and for each control the guard's best refusal among its settings that keep
-80% of plain LoRA's task gain against the control's best such setting, compared paired. The claim
+accuracy, refusal), and at bars of task accuracy (``GAIN_BARS`` shares of plain LoRA's task gain
+kept, plus the guard's own main-setting task accuracy: the matched-utility comparison) the guard's
+best refusal among its settings that reach the bar against each control's best such setting,
+compared paired. The claim
 "RefusalGuard protects refusals specifically" is made for a scenario only when the guard beats
 every control there.
 """
@@ -329,6 +331,14 @@ def _frontier(report: dict, groups: dict, cfg) -> list[dict]:
                 entry["bars"].append(
                     _bar(groups, points, model, scenario, share, base["task_accuracy"] + share * gain, cfg)
                 )
+            # Matched utility: the bar at the guard's own main-setting task accuracy (each control's best
+            # refusal among its settings that learn the task at least as well as the guard does there).
+            main = _row(report, model, scenario, "refusalguard", cfg.strength_of("refusalguard"))
+            if main is not None and gain > 0 and main["task_accuracy"] > base["task_accuracy"]:
+                share = (main["task_accuracy"] - base["task_accuracy"]) / gain
+                bar = _bar(groups, points, model, scenario, share, main["task_accuracy"], cfg)
+                bar["at_guard_main"] = True
+                entry["bars"].append(bar)
             entry["claim_specific_at"] = [b["gain_kept"] for b in entry["bars"] if b["claim_specific"]]
             out.append(entry)
     return out
@@ -455,7 +465,8 @@ def format_demo_table(report: dict) -> str:
             cells = []
             for method, best in b["best"].items():
                 cells.append(f"{method} " + ("-" if best is None else f"{best['refusal_rate']:.2f}@{best['strength']}"))
-            out.append(f"  >= {b['gain_kept']:.0%} kept (task >= {b['task_bar']:.2f}): " + "; ".join(cells))
+            where = " = the guard's main setting" if b.get("at_guard_main") else ""
+            out.append(f"  >= {b['gain_kept']:.0%} kept (task >= {b['task_bar']:.2f}{where}): " + "; ".join(cells))
             for control, cmp in b["guard_vs_controls"].items():
                 diff = "" if cmp["diff"] is None else f" (refusal diff {_fmt_ci(cmp['diff'], cmp['ci'], '+.2f')})"
                 out.append(f"      guard vs {control}: {cmp['verdict']}{diff}")
