@@ -96,8 +96,10 @@ class TileConfig(NamedTuple):
 #   registers and spills ~5 KB per thread;
 # * padded k >= 64, backward: 32 fp32 columns per tile (with 128 the fp32 backward spilled on ragged shapes);
 # * sm_86 / sm_89 (A10G, A6000, RTX 30xx; L4, L40S, RTX 40xx): 99 KB of shared memory per block, not
-#   sm_80's 163: the wide half-precision backward with the Gram term took 112 KB there (B^T tiles of
-#   64 x 128 fp32 in 3 stages, plus G - G_A); see the sm_86 configs below.
+#   sm_80's 163.  On the sm_80 tiles the wide (padded k = 64) half-precision backward took 96 KB, 112 KB
+#   with the Gram term (B^T tiles of 64 x 128 fp32 in 3 stages, plus G - G_A): it could not launch.  With
+#   64 half columns it takes 44-68 KB; and the wide Gram forward spilled ~300 B there with 4 chunks, none
+#   with 2.  The most any sm_86/89 launch takes is the bf16/fp16 forward's 80 KB (one block per SM).
 # project() and the loss forward share fwd_config(k, ...), which is what makes their Z bitwise equal.
 FWD_CONFIG = TileConfig(block_n=128, block_d_half=128, block_d_fp32=64, num_warps=4, num_stages=3, programs_per_sm=1)
 FWD_WIDE_CONFIG = FWD_CONFIG._replace(block_d_half=64, block_d_fp32=32, num_warps=8, gram_chunks=2)
@@ -131,7 +133,7 @@ def _families() -> dict[str, TileFamily]:
     return {
         "sm90": TileFamily(FWD_CONFIG, FWD_WIDE_CONFIG, BWD_CONFIG, BWD_WIDE_CONFIG, 121 * 1024),
         "sm80": TileFamily(FWD_CONFIG_SM80, FWD_WIDE_CONFIG_SM80, BWD_CONFIG, BWD_WIDE_CONFIG, 112 * 1024),
-        "sm86": TileFamily(FWD_CONFIG_SM86, FWD_WIDE_CONFIG_SM86, BWD_CONFIG_SM86, BWD_WIDE_CONFIG_SM86, 99 * 1024),
+        "sm86": TileFamily(FWD_CONFIG_SM86, FWD_WIDE_CONFIG_SM86, BWD_CONFIG_SM86, BWD_WIDE_CONFIG_SM86, 80 * 1024),
     }
 
 
