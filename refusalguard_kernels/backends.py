@@ -5,7 +5,8 @@
   ``TRITON_INTERPRET=1``, which is how CI runs them).
 * ``"cuda"``   -- the CUDA C++ extension from ``csrc/`` (when it is built).
 * ``"auto"``   -- the best available for the tensor's device: on CPU the
-  reference; on CUDA the fused kernels (see ``_AUTO_ORDER``).
+  reference; on CUDA the fused kernels (see ``_AUTO_ORDER``), skipping Triton on a GPU
+  whose shared memory per block fits none of its tile configs (T4-class, 64 KB).
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def refresh() -> None:
     """Forget the cached probes (after installing triton, or when CUDA_VISIBLE_DEVICES changed)."""
     _python_backends.cache_clear()
     _cuda_device.cache_clear()
+    _tiles_fit.cache_clear()
     _RESOLVED.clear()
 
 
@@ -86,12 +88,13 @@ def refresh() -> None:
 # process runs (TRITON_INTERPRET is read per call; the probes are cleared by refresh()).
 # Every guard call resolves its backend, and the probes below cost several microseconds.
 # Failures are not cached, so their errors are raised afresh, unchanged.
-_RESOLVED: dict[tuple[str, str, str | None], str] = {}
+_RESOLVED: dict[tuple[str, str, int | None, str | None], str] = {}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Map a user's choice to the backend that will run; a clear error when it cannot."""
-    key = (backend, device.type, os.environ.get("TRITON_INTERPRET"))
+    # The device index is in the key: "auto" asks whether the Triton tiles fit that GPU.
+    key = (backend, device.type, device.index, os.environ.get("TRITON_INTERPRET"))
     hit = _RESOLVED.get(key)
     if hit is not None:
         return hit
@@ -109,6 +112,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
             return "torch"
         available = _available(_interpreting())
         for name in _AUTO_ORDER:
+            if name == "triton" and name in available and not _triton_fits(device):
+                continue
             if name in available:
                 return name
         return "torch"
@@ -129,6 +134,27 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
         if device.type != "cuda":
             raise ValueError(f"backend='cuda' runs on CUDA tensors; these are on {device}. Use backend='torch' on CPU.")
     return backend
+
+
+def _triton_fits(device: torch.device) -> bool:
+    """Whether some Triton tile family fits this GPU's shared memory per block.  Checked
+    architectures always fit; an unknown one takes the family its opt-in limit allows (with
+    triton_penalty's one-time warning) or none, and then "auto" moves on to the next backend
+    rather than failing at the first launch."""
+    from .ops.layout import device_capability, shared_memory_per_block
+
+    return _tiles_fit(device_capability(device), shared_memory_per_block(device))
+
+
+@functools.cache  # "auto" resolving to torch is not cached above, so this may be asked on every call
+def _tiles_fit(capability: int, shared_memory_per_block: int | None) -> bool:
+    from .ops.triton_penalty import tile_family
+
+    try:
+        tile_family(capability, shared_memory_per_block)
+    except RuntimeError:
+        return False
+    return True
 
 
 @functools.cache  # import_module costs a microsecond or two, and this runs per launch

@@ -8,7 +8,7 @@ Prints markdown tables (docs/guard_scale.md holds a run):
 1. attention sinks: per guarded layer, the hidden-state norm and the cone-coordinate norm of the first token
    against the median of the others (frozen model, chat-formatted prompt/response examples);
 2. gradient ratios: ||d penalty / d LoRA|| / ||d task loss / d LoRA|| after a few plain-LoRA steps, per
-   positions choice, with and without the first token, in raw units (0.2) and in spread units (0.3);
+   positions choice, with and without the first token, in raw units (0.1) and in spread units (0.2);
 3. coefficients: LoRA training with the guard at several drift coefficients (spread units, layer mean):
    the gradient ratio at the first step after step 0 and at the end, the drift left in the cone (mean squared
    movement in pooled standard deviations, at the guarded tokens) against plain LoRA's, and the task loss.
@@ -175,13 +175,13 @@ def ratio_table(model, basis, batches, lr, targets, steps=4) -> list[str]:
     batch = batches[0]
     task = _grad_norm(peft(**_inputs(batch)).loss, params)
     rows = [
-        "| positions | first token guarded | penalty, raw (0.2) | gradient ratio, raw | penalty, spread (0.3) "
+        "| positions | first token guarded | penalty, raw (0.1) | gradient ratio, raw | penalty, spread (0.2) "
         "| gradient ratio, spread |",
         "|---|---|---|---|---|---|",
     ]
     for positions in ("all", "prompt", "response", "f5+l5"):
         for exclude_first in (0, 1):
-            # One forward in raw units gives both: 0.2's penalty is the sum of the layer losses, 0.3's the mean of
+            # One forward in raw units gives both: 0.1's penalty is the sum of the layer losses, 0.2's the mean of
             # each layer's loss divided by its coord_spread^2 (drift only: gram_coef is 0 by default).
             guard = RefusalGuard(
                 peft, basis, positions=positions, coef_units="raw", exclude_first=exclude_first, backend="torch"

@@ -1,8 +1,9 @@
 """Static resource check of every Triton launch the public ops make -- no GPU needed.
 
-    python scripts/kernel_resources.py                     # the full sweep, sm_90 + sm_80, printed
+    python scripts/kernel_resources.py                     # the full sweep, sm_90/80/86/89, printed
     python scripts/kernel_resources.py --set ci --check    # what CI runs (tests/test_kernel_resources.py)
     python scripts/kernel_resources.py --write             # refresh the committed baseline (full sweep)
+    python scripts/kernel_resources.py --arch 86 --write   # refresh one architecture's rows of it
 
 How: the public functional API (``project``, ``geometry_loss``, ``guard``; forward and backward,
 with and without the Gram term and weights) runs on ``meta`` tensors of the real shapes with the
@@ -19,7 +20,9 @@ resident blocks per SM those allow (registers, shared memory and warps; CUDA occ
 The baseline, ``benchmarks/results/kernel_resources/triton-<version>.json``, holds the full sweep
 for the Triton version it was made with (pinned in constraints.txt); ``--check`` fails when a
 launch of the baseline stops compiling, spills more, loses resident blocks per SM, or no longer
-fits in shared memory, or when the ops make a launch the baseline does not know.
+fits in shared memory, or when the ops make a launch the baseline does not know; and whenever a
+launch does not fit in its architecture's shared memory per block, baseline or not (it would fail
+to launch there).
 
 Must run without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions that are
 compiled here); the test runs it in a subprocess.
@@ -54,8 +57,11 @@ RAGGED = (16001, 576)
 TARGET = (16384, 4096)
 
 # Programs per launch are min(row blocks, SMs x programs per SM): record with the SM count of
-# the GPU the arch stands for (H100 SXM: 132; A100: 108), as the launchers would see it.
-SM_COUNT = {90: 132, 80: 108}
+# the GPU the arch stands for, as the launchers would see it: H100 SXM 132, A100 108, A10G 80
+# (sm_86; RTX 3090: 82, A6000: 84), L4 58 (sm_89; RTX 4090: 128), Jetson AGX Orin 16 (sm_87, not in
+# the sweeps: ``--arch 87`` compiles it).
+SM_COUNT = {90: 132, 80: 108, 86: 80, 89: 58, 87: 16}
+ARCHS = (90, 80, 86, 89)  # the full sweep and the baseline; the ops choose tiles for these (ARCH_FAMILY)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +77,20 @@ class SMLimits:
     smem_reserved: int = 1024  # per resident block, reserved by the system
 
 
+# From the CUDA C++ Programming Guide, "Technical Specifications per Compute Capability" (the same values as
+# CCCL's cuda::arch::traits): 64 K 32-bit registers per SM and at most 255 per thread everywhere here; 1 KB of
+# shared memory reserved per resident block; shared memory per SM / most per block (opt-in):
+#   8.0 (A100)                    164 / 163 KB, 32 blocks, 2048 threads (64 warps) per SM
+#   8.6 (A10G, A6000, RTX 30xx)   100 /  99 KB, 16 blocks, 1536 threads (48 warps)
+#   8.7 (Jetson Orin)             164 / 163 KB, 16 blocks, 1536 threads (48 warps)
+#   8.9 (L4, L40S, RTX 40xx)      100 /  99 KB, 24 blocks, 1536 threads (48 warps)
+#   9.0 (H100, H200)              228 / 227 KB, 32 blocks, 2048 threads (64 warps)
 LIMITS = {
-    90: SMLimits(smem=233472, smem_block=232448),
-    80: SMLimits(smem=167936, smem_block=166912),
+    90: SMLimits(smem=228 * 1024, smem_block=227 * 1024),
+    80: SMLimits(smem=164 * 1024, smem_block=163 * 1024),
+    86: SMLimits(smem=100 * 1024, smem_block=99 * 1024, max_warps=48, max_blocks=16),
+    87: SMLimits(smem=164 * 1024, smem_block=163 * 1024, max_warps=48, max_blocks=16),
+    89: SMLimits(smem=100 * 1024, smem_block=99 * 1024, max_warps=48, max_blocks=24),
 }
 
 
@@ -165,6 +182,7 @@ def _recording(cap: int, sink: list):
     saved = {name: obj for name, obj in vars(tp).items() if isinstance(obj, triton.runtime.jit.JITFunction)}
     saved_resolve, saved_programs = functional.resolve_backend, tp.persistent_programs
     saved_capability = getattr(tp, "device_capability", None)
+    saved_smem = getattr(tp, "shared_memory_per_block", None)
 
     def programs(row_blocks, device, per_sm=2):
         return max(1, min(row_blocks, SM_COUNT[cap] * per_sm))
@@ -176,6 +194,8 @@ def _recording(cap: int, sink: list):
         tp.persistent_programs = programs
         if saved_capability is not None:
             tp.device_capability = lambda device: cap
+        if saved_smem is not None:  # what torch would report: consulted for an arch without checked tiles
+            tp.shared_memory_per_block = lambda device: LIMITS[cap].smem_block
         yield
     finally:
         for name, kernel in saved.items():
@@ -183,6 +203,8 @@ def _recording(cap: int, sink: list):
         functional.resolve_backend, tp.persistent_programs = saved_resolve, saved_programs
         if saved_capability is not None:
             tp.device_capability = saved_capability
+        if saved_smem is not None:
+            tp.shared_memory_per_block = saved_smem
 
 
 def role(kernel_name: str) -> str:
@@ -342,19 +364,31 @@ def _worker(job):
 # What CI compiles (tests/test_kernel_resources.py; ~3 minutes on two loaded cores): every kernel and every
 # code path of it (project, loss with and without Gram, guard's fused grad_in, weights), sm_90, at the target
 # shape, for the dtypes and k the issue-19 targets name.  The weights flag only adds a load, so CI takes the
-# weighted form of each op; the full sweep has both.
+# weighted form of each op; the full sweep has both.  sm_86 (99 KB of shared memory per block): its own tile
+# configs at the largest footprints (bf16 k = 8: the 80 KB forward; bf16 and fp32 k = 64: the wide tiles), where
+# a launch that outgrows the block's shared memory shows first.  sm_89 compiles to the same resources as sm_86
+# (the full sweep: every fwd/bwd launch identical; only the finalize's grid differs), so CI takes one case.
 CI_OPS = ("project", "loss+weight", "loss+gram+weight", "guard", "guard+gram+weight")
 CI_CASES = (("bfloat16", 8), ("bfloat16", 16), ("bfloat16", 64), ("float16", 8), ("float32", 8), ("float32", 64))
+CI_CASES_BY_ARCH = {
+    90: CI_CASES,
+    86: (("bfloat16", 8), ("bfloat16", 64), ("float32", 64)),
+    89: (("bfloat16", 64),),
+}
 
 
-def sweep_spec(name: str) -> list[dict]:
-    """full: every op, dtype and k on the grid's shapes and the ragged one, sm_90 and sm_80; ci: see CI_OPS."""
+def sweep_spec(name: str, archs: Iterable[int] | None = None) -> list[dict]:
+    """full: every op, dtype and k on the grid's shapes and the ragged one, for every arch of ARCHS; ci: see
+    CI_OPS.  ``archs``: only these architectures."""
     if name == "full":
-        return [{"shapes": GRID_SHAPES + (RAGGED,), "dtypes": DTYPES, "ks": KS, "archs": (90, 80), "ops": None}]
+        chosen = tuple(ARCHS if archs is None else archs)
+        return [{"shapes": GRID_SHAPES + (RAGGED,), "dtypes": DTYPES, "ks": KS, "archs": chosen, "ops": None}]
     if name == "ci":
         return [
-            {"shapes": (TARGET,), "dtypes": (dtype,), "ks": (k,), "archs": (90,), "ops": CI_OPS}
-            for dtype, k in CI_CASES
+            {"shapes": (TARGET,), "dtypes": (dtype,), "ks": (k,), "archs": (cap,), "ops": CI_OPS}
+            for cap, cases in CI_CASES_BY_ARCH.items()
+            if archs is None or cap in archs
+            for dtype, k in cases
         ]
     raise SystemExit(f"unknown set {name!r}; use full or ci")
 
@@ -428,10 +462,11 @@ def tool_versions(archs) -> dict:
 def compare(result: dict, baseline: dict, *, complete: bool) -> list[str]:
     """Regressions of ``result`` against ``baseline``, one line each (empty: none).
 
-    A launch regresses when it stops compiling, spills more bytes (stores or loads), keeps fewer
-    blocks resident per SM, or no longer fits in shared memory.  A launch the baseline lacks is an
-    error too (nothing may go unchecked); with ``complete`` (the full sweep) so is a baseline launch
-    the ops no longer make.  Registers may move freely as long as the occupancy holds."""
+    A launch regresses when it stops compiling, spills more bytes (stores or loads), or keeps fewer
+    blocks resident per SM.  A launch that does not fit in its architecture's shared memory per
+    block is an error whatever the baseline says (it cannot launch there), and so is one the baseline
+    lacks (nothing may go unchecked); with ``complete`` (the full sweep) so is a baseline launch the
+    ops no longer make.  Registers may move freely as long as the occupancy holds."""
     problems = []
     for arch, rows in result["rows"].items():
         base_rows = baseline["rows"].get(arch, {})
@@ -440,6 +475,12 @@ def compare(result: dict, baseline: dict, *, complete: bool) -> list[str]:
             for alias in (label, *base.get("same_compile_as", ())):
                 by_label[alias] = base
         for label, row in rows.items():
+            if row["compiled"] and not row["fits_shared"]:
+                smem = (row["static_shared"] + row["dynamic_shared"]) / 1024
+                limit = LIMITS[int(arch.removeprefix("sm_"))].smem_block / 1024
+                problems.append(
+                    f"{arch} {label}: needs {smem:.1f} KB of shared memory per block, {arch} allows {limit:.0f}"
+                )
             base = by_label.get(label)
             if base is None:
                 problems.append(f"{arch} {label}: not in the baseline (regenerate it with --write)")
@@ -457,14 +498,32 @@ def compare(result: dict, baseline: dict, *, complete: bool) -> list[str]:
                     f"{arch} {label}: {base['blocks_per_sm']} -> {row['blocks_per_sm']} blocks/SM "
                     f"(regs {base['regs']} -> {row['regs']}, limited by {row['limited_by']})"
                 )
-            if not row["fits_shared"] and base["fits_shared"]:
-                problems.append(f"{arch} {label}: no longer fits in shared memory")
         if complete:
             seen = {alias for label, row in rows.items() for alias in (label, *row.get("same_compile_as", ()))}
             for label in sorted(base_rows):
                 if seen.isdisjoint((label, *base_rows[label].get("same_compile_as", ()))):
                     problems.append(f"{arch} {label}: in the baseline but no longer launched (regenerate it)")
     return problems
+
+
+def merge_baseline(result: dict, baseline: dict) -> dict:
+    """``baseline`` with the rows of ``result``'s architectures replaced by ``result``'s (a full sweep of
+    those archs, same Triton); the other architectures' rows are kept as they are, byte for byte."""
+    if baseline["triton"] != result["triton"]:
+        raise SystemExit(f"baseline is for triton {baseline['triton']}, this run is {result['triton']}")
+    archs = [int(arch.removeprefix("sm_")) for arch in result["rows"]]
+    old_archs = [cap for spec in baseline["spec"] for cap in spec["archs"] if cap not in archs]
+    merged = dict(baseline, rows={**baseline["rows"], **result["rows"]}, tools={**baseline["tools"], **result["tools"]})
+    merged["spec"] = [dict(spec, archs=[*old_archs, *archs]) for spec in result["spec"]]
+    runs = baseline.get("runs") or [{"archs": old_archs + archs, "seconds": baseline["seconds"]}]
+    runs = [dict(run, archs=[cap for cap in run["archs"] if cap not in archs]) for run in runs]
+    merged["runs"] = [run for run in runs if run["archs"]] + [{"archs": archs, "seconds": result["seconds"]}]
+    merged["seconds"] = round(sum(run["seconds"] for run in merged["runs"]), 1)
+    merged["compiles"] = sum(len(rows) for rows in merged["rows"].values())
+    merged["launches_recorded"] = sum(
+        1 + len(row.get("same_compile_as", ())) for rows in merged["rows"].values() for row in rows.values()
+    )
+    return merged
 
 
 def baseline_path(version: str) -> Path:
@@ -508,12 +567,21 @@ def main(argv=None) -> int:
         "--check", action="store_true", help="compare against the committed baseline; exit 1 on a regression"
     )
     parser.add_argument("--write", action="store_true", help="write the result as the baseline (full set only)")
+    parser.add_argument(
+        "--arch",
+        type=int,
+        nargs="+",
+        help=f"only these compute capabilities (default: {' '.join(map(str, ARCHS))}); "
+        "with --write, replace only their rows of the baseline",
+    )
     parser.add_argument("--baseline", type=Path, help="baseline file (default: the one for this Triton version)")
     parser.add_argument("--json", type=Path, help="also write the result here")
     parser.add_argument("--quiet", action="store_true", help="no table, only the summary and problems")
     args = parser.parse_args(argv)
 
-    result = run(sweep_spec(args.set), jobs=args.jobs)
+    if args.arch is not None and not set(args.arch) <= set(LIMITS) & set(SM_COUNT):
+        raise SystemExit(f"--arch: known capabilities are {sorted(set(LIMITS) & set(SM_COUNT))}")
+    result = run(sweep_spec(args.set, args.arch), jobs=args.jobs)
     if not args.quiet:
         print("\n".join(table(result)))
     print(summary(result))
@@ -526,8 +594,11 @@ def main(argv=None) -> int:
         if args.set != "full":
             raise SystemExit("--write takes the full set: the baseline must cover every launch")
         path.parent.mkdir(parents=True, exist_ok=True)
+        written = result
+        if args.arch is not None and path.exists():
+            written = merge_baseline(result, json.loads(path.read_text()))
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
+        tmp.write_text(json.dumps(written, indent=1, sort_keys=True) + "\n")
         tmp.replace(path)  # atomic: a failed write leaves the old baseline
         print(f"baseline written: {path.relative_to(REPO)}")
     if args.check:

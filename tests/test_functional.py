@@ -40,6 +40,33 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
         resolve_backend("triton", torch.device("cpu"))
 
 
+def test_auto_skips_triton_on_a_gpu_its_tiles_do_not_fit(monkeypatch):
+    """ "auto" on a GPU whose shared memory per block fits no Triton tile family (T4-class, 64 KB) takes the next
+    backend instead of failing at the first launch; where a family fits, or the architecture is checked, Triton.
+    Fake devices: the capability and limit are what the launchers would read."""
+    from refusalguard_kernels import backends
+    from refusalguard_kernels.ops import layout, triton_penalty
+
+    # triton_penalty binds layout's functions at import: imported above, before they are faked, it keeps the real ones.
+    monkeypatch.setattr(backends, "_available", lambda interpreting: ("torch", "triton"))
+    monkeypatch.setattr(layout, "device_capability", lambda device: 77)
+    backends.refresh()
+    try:
+        monkeypatch.setattr(layout, "shared_memory_per_block", lambda device: 64 * 1024)
+        assert resolve_backend("auto", torch.device("cuda", 0)) == "torch"
+        with pytest.raises(RuntimeError, match="allows 64 KB"):  # asked for by name, the launch says why
+            triton_penalty.tile_family(77, 64 * 1024)
+        backends.refresh()
+        monkeypatch.setattr(layout, "shared_memory_per_block", lambda device: 101 * 1024)
+        with pytest.warns(RuntimeWarning, match="no tile configs checked for sm_77"):
+            assert resolve_backend("auto", torch.device("cuda", 1)) == "triton"
+        monkeypatch.setattr(layout, "device_capability", lambda device: 90)
+        monkeypatch.setattr(layout, "shared_memory_per_block", lambda device: 64 * 1024)  # never asked for sm_90
+        assert resolve_backend("auto", torch.device("cuda", 2)) == "triton"
+    finally:
+        backends.refresh()
+
+
 # ------------------------------------------------------------------ bad input
 
 

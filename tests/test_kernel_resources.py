@@ -3,9 +3,11 @@
 ``test_ci_launches_match_the_baseline`` compiles every Triton kernel the public ops launch, on
 every code path (project, loss with and without the Gram term, the guard's fused gradient,
 weights), for sm_90 at the benchmark's target shape and the dtypes and k the issue-19 targets
-name, without a GPU, and fails when a launch stops compiling, spills more, keeps fewer blocks
-resident per SM, or is not in the committed baseline.  The full sweep (both archs, every shape,
-dtype and k; ~700 compiles) is the script itself: ``python scripts/kernel_resources.py --check``.
+name, and for sm_86 / sm_89 (99 KB of shared memory per block) at their largest footprints,
+without a GPU, and fails when a launch stops compiling, spills more, keeps fewer blocks resident
+per SM, does not fit in shared memory, or is not in the committed baseline.  The full sweep (four
+archs, every shape, dtype and k; ~1400 compiles) is the script itself:
+``python scripts/kernel_resources.py --check``.
 The other tests check the parts of the script that need no compiler.
 """
 
@@ -75,6 +77,8 @@ def _row(**over):
         blocks_per_sm=2,
         fits_shared=True,
         limited_by="registers",
+        static_shared=0,
+        dynamic_shared=40 * 1024,
     )
     return row | over
 
@@ -102,6 +106,54 @@ def test_compare_flags_each_kind_of_regression():
     assert any("sm_90 gone: does not compile any more: CompilationError: boom" in p for p in problems)
     assert any("sm_90 new: not in the baseline" in p for p in problems)
     assert len(problems) == 5
+    # A launch that does not fit its architecture's shared memory fails whatever the baseline recorded.
+    big = _row(fits_shared=False, dynamic_shared=112 * 1024)
+    base86 = {"rows": {"sm_86": {"a": big}}}
+    assert kr.compare({"rows": {"sm_86": {"a": big}}}, base86, complete=True) == [
+        "sm_86 a: needs 112.0 KB of shared memory per block, sm_86 allows 99"
+    ]
+
+
+def test_limits_of_each_architecture():
+    """The programming guide's table: sm_86/89 allow 99 KB per block (100 KB per SM) and 48 warps per SM."""
+    for cap, per_block_kb in ((90, 227), (80, 163), (87, 163), (86, 99), (89, 99)):
+        assert kr.LIMITS[cap].smem_block == per_block_kb * 1024
+        assert kr.LIMITS[cap].smem == (per_block_kb + 1) * 1024
+    # 80 KB (the bf16 forward on sm_80/86) leaves room for one block per SM on sm_86, two on sm_80.
+    assert kr.occupancy(86, 128, 4, 80 * 1024)["blocks_per_sm"] == 1
+    assert kr.occupancy(80, 128, 4, 80 * 1024)["blocks_per_sm"] == 2
+    # 48 warps per SM (sm_80/90: 64): six 8-warp blocks of 16 registers; 24 blocks on sm_89, 16 on sm_86.
+    assert kr.occupancy(86, 16, 8, 0) == {"blocks_per_sm": 6, "warps_per_sm": 48, "limited_by": "warps"}
+    assert kr.occupancy(89, 16, 1, 0)["blocks_per_sm"] == 24 and kr.occupancy(86, 16, 1, 0)["blocks_per_sm"] == 16
+    ci_archs = {cap for spec in kr.sweep_spec("ci") for cap in spec["archs"]}
+    assert ci_archs == {90, 86, 89} and set(kr.sweep_spec("full")[0]["archs"]) == set(kr.ARCHS) == {90, 80, 86, 89}
+    assert [spec["archs"] for spec in kr.sweep_spec("ci", [89])] == [(89,)] * len(kr.CI_CASES_BY_ARCH[89])
+
+
+def test_merge_keeps_the_other_architectures_rows():
+    base = {
+        "triton": "3.9.0",
+        "tools": {"ptxas sm_90": "13", "ptxas sm_80": "12"},
+        "spec": [{"archs": [90, 80], "ks": [8]}],
+        "seconds": 600.0,
+        "rows": {"sm_90": {"a": _row(same_compile_as=["b"])}, "sm_80": {"a": _row()}},
+    }
+    new = {
+        "triton": "3.9.0",
+        "tools": {"ptxas sm_86": "12"},
+        "spec": [{"archs": [86], "ks": [8]}],
+        "seconds": 100.0,
+        "rows": {"sm_86": {"a": _row(regs=64)}},
+    }
+    merged = kr.merge_baseline(new, base)
+    assert merged["rows"]["sm_90"] is base["rows"]["sm_90"] and merged["rows"]["sm_80"] is base["rows"]["sm_80"]
+    assert merged["rows"]["sm_86"]["a"]["regs"] == 64
+    assert merged["spec"] == [{"archs": [90, 80, 86], "ks": [8]}] and merged["seconds"] == 700.0
+    assert (merged["compiles"], merged["launches_recorded"]) == (3, 4)
+    again = kr.merge_baseline(dict(new, seconds=50.0), merged)  # replacing sm_86 again
+    assert again["runs"] == [{"archs": [90, 80], "seconds": 600.0}, {"archs": [86], "seconds": 50.0}]
+    with pytest.raises(SystemExit, match="triton 3.9.0"):
+        kr.merge_baseline(dict(new, triton="3.6.0"), base)
 
 
 def test_the_baseline_holds_the_issue_19_targets():
@@ -110,7 +162,7 @@ def test_the_baseline_holds_the_issue_19_targets():
     at k = 64 outside the Gram forward; every launch compiles and fits in shared memory on sm_90 and sm_80."""
     pinned = re.search(r"^triton==(\S+)$", (REPO / "constraints.txt").read_text(), re.M).group(1)
     rows = json.loads(kr.baseline_path(pinned).read_text())["rows"]  # the pinned Triton's, whichever is installed
-    assert set(rows) == {"sm_90", "sm_80"}
+    assert set(rows) == {kr.arch_name(cap) for cap in kr.ARCHS}
     for arch, launches in rows.items():
         assert all(r["compiled"] and r["fits_shared"] for r in launches.values()), arch
     checked = 0
@@ -138,7 +190,7 @@ def _pinned() -> bool:
 
 
 def test_ci_launches_match_the_baseline(tmp_path):
-    """Compiles the CI set (~60 compiles, about a minute on two cores) and compares it with the baseline."""
+    """Compiles the CI set (~100 compiles, one to two minutes on two cores) and compares it with the baseline."""
     import triton
 
     if not kr.baseline_path(triton.__version__).exists():
@@ -158,3 +210,21 @@ def test_ci_launches_match_the_baseline(tmp_path):
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     assert "0 problem(s)" in result.stdout
+
+
+@pytest.mark.parametrize("version", ["3.9.0", "3.6.0"])
+def test_each_family_fits_where_it_is_used(version):
+    """Every launch of the committed sweeps (both Triton versions) fits in the shared memory its tile family
+    declares (``TileFamily.shared_bytes``, what the launchers compare with an unknown GPU's limit), and the
+    family of each checked architecture fits that architecture."""
+    from refusalguard_kernels.ops import triton_penalty as tp
+
+    rows = json.loads(kr.baseline_path(version).read_text())["rows"]
+    families = tp._families()
+    assert {int(arch.removeprefix("sm_")) for arch in rows} == set(tp.ARCH_FAMILY)
+    for arch, launches in rows.items():
+        cap = int(arch.removeprefix("sm_"))
+        family = families[tp.ARCH_FAMILY[cap]]
+        assert family.shared_bytes <= kr.LIMITS[cap].smem_block, arch
+        most = max(r["static_shared"] + r["dynamic_shared"] for r in launches.values())
+        assert most <= family.shared_bytes, (arch, most)

@@ -1,7 +1,7 @@
 """The guard on a real pretrained chat model: SmolLM2-135M-Instruct (Llama, hidden 576, 30 layers, ChatML).
 
 Each test covers one finding of issue 17 that the organism and the tiny random models could not show, and
-fails on 0.2 (before the fix).  They run on the folder `refusalguard models get smollm2` caches (.ci/run
+fails on the code before the fix (0.1's behaviour).  They run on the folder `refusalguard models get smollm2` caches (.ci/run
 fetches it; absent, they are skipped outside CI and fail under CI=true), in float32 on the CPU, with a few
 short examples and steps.
 """
@@ -149,7 +149,7 @@ def test_readme_example_runs_and_protects(smollm2_path, tokenizer, tmp_path, sam
 
 
 def test_a_guard_that_cannot_differ_from_the_trained_model_is_refused(model, tokenizer, basis, tmp_path):
-    """No adapter, online anchors, every weight trainable: 0.2 trained with guard_penalty 0.0 at every step."""
+    """No adapter, online anchors, every weight trainable: 0.1 trained with guard_penalty 0.0 at every step."""
     from refusalguard_kernels import RefusalGuard, RefusalGuardTrainer
 
     guard = RefusalGuard(model, basis, positions="response")
@@ -168,7 +168,7 @@ def test_a_guard_that_cannot_differ_from_the_trained_model_is_refused(model, tok
 
 
 def test_attention_sink_is_excluded_and_the_penalty_gradient_stays_in_scale(model, tokenizer, basis):
-    """0.2 guarded the first token (<|im_start|>, hidden norm ~25,000 against a median ~180): with positions='all'
+    """0.1 guarded the first token (<|im_start|>, hidden norm ~25,000 against a median ~180): with positions='all'
     the penalty's gradient was hundreds of times the task's. Now it is excluded by default, and with the
     default coefficient the two gradients are of the same order."""
     from refusalguard_kernels.integration.hooks import RefusalGuard
@@ -188,7 +188,7 @@ def test_attention_sink_is_excluded_and_the_penalty_gradient_stays_in_scale(mode
             guard.arm(guard.anchors(**model_inputs(batch)), weight)
         ratios[positions] = grad_norm(guard.penalty_forward(**model_inputs(batch)), params) / task
         guard.remove()
-    # 0.2 (first token guarded, raw units): 'all' 16x and 'f5+l5' 91x the 'response' ratio, up to 1,355x the task's
+    # 0.1 (first token guarded, raw units): 'all' 16x and 'f5+l5' 91x the 'response' ratio, up to 1,355x the task's
     assert all(r < 10 for r in ratios.values()), ratios
     assert max(ratios.values()) < 5 * min(ratios.values()), ratios
 
@@ -208,7 +208,7 @@ def test_an_unexcluded_sink_is_reported(model, tokenizer, basis):
 
 def test_coefficient_does_not_depend_on_the_activation_scale(smollm2_path, tokenizer):
     """Scale SmolLM2's residual stream by 10 (embeddings and every residual write; RMSNorm makes the function the
-    same): 0.2's penalty grew 100x for the same relative movement; in spread units it stays the same."""
+    same): 0.1's penalty grew 100x for the same relative movement; in spread units it stays the same."""
     from refusalguard_kernels.integration.basis import extract_refusal_basis
     from refusalguard_kernels.integration.hooks import RefusalGuard
     from refusalguard_kernels.integration.prompts import builtin_prompts
@@ -241,7 +241,7 @@ def test_coefficient_does_not_depend_on_the_activation_scale(smollm2_path, token
 
 def test_trl_response_positions_without_a_response_mask_are_an_error(model, tokenizer, basis, tmp_path):
     """SmolLM2's template has no {% generation %} markers, so TRL's assistant_only_loss is unavailable; without it
-    0.2 silently guarded every token (the system prompt included) under positions='response'."""
+    before this fix the mixin silently guarded every token (the system prompt included) under positions='response'."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -275,7 +275,7 @@ def test_trl_response_positions_without_a_response_mask_are_an_error(model, toke
 
 @pytest.mark.parametrize("positions", ["prompt", "f5+l5", "response"])
 def test_positions_with_unmasked_labels_are_an_error(model, tokenizer, basis, tmp_path, positions):
-    """labels = input_ids: 0.2 gave every token weight 0 under 'prompt'/'fN+lM' (loss and gradient exactly 0,
+    """labels = input_ids: 0.1 gave every token weight 0 under 'prompt'/'fN+lM' (loss and gradient exactly 0,
     guard_penalty 0.0 logged) and every token weight 1 under 'response'. Python API and trainer."""
     from datasets import Dataset
 
@@ -304,7 +304,7 @@ def test_positions_with_unmasked_labels_are_an_error(model, tokenizer, basis, tm
 
 
 def test_dropout_noise_stays_out_of_the_penalty(smollm2_path, tokenizer, basis, tmp_path):
-    """With attention dropout 0.1 the training forward is noisy while the anchors are eval-mode: 0.2's step-0
+    """With attention dropout 0.1 the training forward is noisy while the anchors are eval-mode: 0.1's step-0
     penalty was not 0 and the drift term measured dropout noise. Now the penalty has its own eval-mode forward."""
     from refusalguard_kernels import RefusalGuard, RefusalGuardTrainer
 

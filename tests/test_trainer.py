@@ -473,7 +473,7 @@ def _gpt2_with_dropout(tokenizer, p: float = 0.1):
 def test_dropout_stays_out_of_the_penalty(tokenizer, pairs, tmp_path, penalty_forward):
     """GPT-2 style dropout 0.1: the anchors are eval-mode, the training forward is not. With the separate
     eval-mode penalty forward ("auto" picks it here) the step-0 penalty is exactly 0 and two dropout draws give the
-    same penalty; the shared forward (0.2's only way) shows what goes wrong."""
+    same penalty; the shared forward (the only way before this fix) shows what goes wrong."""
     model = _gpt2_with_dropout(tokenizer)
     guard = RefusalGuard(model, random_basis(), backend="torch")
     assert guard.dropout_active(model.train())

@@ -6,6 +6,7 @@ real kernels on CPU tensors. With CUDA, the same tests run compiled on the GPU.
 
 import contextlib
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -484,13 +485,45 @@ def test_bf16_gradients_round_to_nearest(monkeypatch):
 # ---------------------------------------------------------------- issue 19: per-architecture tile configs
 
 ARCH_CASES = [
-    ((2, 41), 257, 8, torch.float32, "random"),  # sm_80: 32 fp32 columns per forward tile
-    ((130,), 300, 33, torch.bfloat16, "zeros_some"),  # the wide forward: 8 warps, 64 columns, Gram in chunks
+    ((2, 41), 257, 8, torch.float32, "random"),  # sm_80/86: 32 fp32 columns per forward tile
+    # The wide forward (8 warps, 64 columns, Gram in chunks: 2 on sm_90/86, 4 on sm_80) and the wide
+    # backward (sm_86: 64 half columns, to fit in 99 KB of shared memory).
+    ((130,), 300, 33, torch.bfloat16, "zeros_some"),
     ((200,), 129, 64, torch.float32, "random"),  # wide, fp32: 32 columns forward and backward
 ]
+# One capability per tile family (89 shares 86's; test_each_architecture_has_its_family checks that).
+ARCH_CAPABILITIES = [80, 86, 90]
 
 
-@pytest.mark.parametrize("capability", [80, 90])
+def test_every_tile_config_runs_in_the_interpreter():
+    """Each config any architecture uses is the one some test_tile_configs_of_each_architecture case runs."""
+    run = {(triton_penalty.fwd_config(c[2], cap), "fwd") for c in ARCH_CASES for cap in ARCH_CAPABILITIES}
+    run |= {(triton_penalty.bwd_config(c[2], cap), "bwd") for c in ARCH_CASES for cap in ARCH_CAPABILITIES}
+    used = set()
+    for family in triton_penalty._families().values():
+        used |= {(family.fwd, "fwd"), (family.fwd_wide, "fwd"), (family.bwd, "bwd"), (family.bwd_wide, "bwd")}
+    assert used <= run, used - run
+    assert {triton_penalty.ARCH_FAMILY[cap] for cap in ARCH_CAPABILITIES} == set(triton_penalty._families())
+
+
+def test_each_architecture_has_its_family():
+    """sm_86 and sm_89 (99 KB of shared memory per block) share tiles of their own; sm_80 and sm_90 keep theirs."""
+    f = triton_penalty._families()
+    for k in (1, 8, 16, 33, 64):
+        assert triton_penalty.fwd_config(k, 90) == (
+            triton_penalty.FWD_WIDE_CONFIG if k > 16 else triton_penalty.FWD_CONFIG
+        )
+        assert triton_penalty.bwd_config(k, 90) == (
+            triton_penalty.BWD_WIDE_CONFIG if k > 32 else triton_penalty.BWD_CONFIG
+        )
+        assert triton_penalty.fwd_config(k, 80) == (f["sm80"].fwd_wide if k > 16 else f["sm80"].fwd)
+        for cap in (86, 89):
+            assert triton_penalty.fwd_config(k, cap) == (f["sm86"].fwd_wide if k > 16 else f["sm86"].fwd)
+            assert triton_penalty.bwd_config(k, cap) == (f["sm86"].bwd_wide if k > 32 else f["sm86"].bwd)
+    assert f["sm86"].shared_bytes <= 99 * 1024 < f["sm80"].shared_bytes
+
+
+@pytest.mark.parametrize("capability", ARCH_CAPABILITIES)
 @pytest.mark.parametrize("case", ARCH_CASES, ids=[_ids(c) for c in ARCH_CASES])
 def test_tile_configs_of_each_architecture(case, capability, monkeypatch):
     """The launchers pick tiles by the device's compute capability; every config meets the contract
@@ -511,3 +544,61 @@ def test_tile_configs_of_each_architecture(case, capability, monkeypatch):
     coords_fwd, _, _ = loss_forward_op(hidden, basis.float().contiguous(), anchors.reshape(-1, k).contiguous(),
                                        weight.reshape(-1), 1.0, 1.0, BACKEND)  # fmt: skip
     assert torch.equal(coords.reshape(-1, k), coords_fwd)  # anchors made with project give a zero loss
+
+
+# ---------------------------------------------------------------- an architecture without checked tiles
+
+
+@pytest.fixture
+def fresh_family_choice():
+    """The unknown-architecture choice (and its one-time warning) is cached per (capability, limit)."""
+    triton_penalty._unknown_arch_family.cache_clear()
+    yield
+    triton_penalty._unknown_arch_family.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "capability, shared_kb, family",
+    [
+        (100, 227, "sm90"),  # B200-like: the Hopper tiles fit
+        (120, 99, "sm86"),  # RTX 50xx-like: 99 KB per block, as on sm_86/89
+        (87, 163, "sm80"),  # Jetson Orin: sm_80's shared memory
+        (75, 99, "sm86"),  # below sm_80, never the sm_90 tiles
+    ],
+)
+def test_unknown_architecture_takes_tiles_that_fit(capability, shared_kb, family, fresh_family_choice):
+    with pytest.warns(RuntimeWarning, match=f"no tile configs checked for sm_{capability}; using the {family} tiles"):
+        assert triton_penalty.tile_family(capability, shared_kb * 1024) == family
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: the second call is silent
+        assert triton_penalty.tile_family(capability, shared_kb * 1024) == family
+    assert triton_penalty._families()[family].shared_bytes <= shared_kb * 1024
+
+
+def test_unknown_architecture_without_a_limit_takes_the_smallest(fresh_family_choice):
+    with pytest.warns(RuntimeWarning, match="the smallest"):
+        assert triton_penalty.fwd_config(8, 100) == triton_penalty._families()["sm86"].fwd
+
+
+def test_unknown_architecture_runs_the_chosen_tiles(monkeypatch, fresh_family_choice):
+    """The launchers ask the device for its limit (fake properties here) and the kernels meet the contract
+    on the tiles chosen; too little shared memory is a clear error before any launch."""
+    monkeypatch.setattr(triton_penalty, "device_capability", lambda device: 120)
+    monkeypatch.setattr(triton_penalty, "shared_memory_per_block", lambda device: 99 * 1024)
+    chosen = []
+    real = triton_penalty.bwd_config
+    monkeypatch.setattr(triton_penalty, "bwd_config", lambda *a: chosen.append(real(*a)) or chosen[-1])
+    inputs = make_inputs((130,), 300, 33, torch.bfloat16, weights="zeros_some", device=DEVICE)
+    hidden, basis, anchors, weight = inputs
+    ref_loss, ref_grad = reference_loss_and_grad(hidden, basis, anchors, weight, 1.3, 0.7, 2.5)
+    h = hidden.clone().requires_grad_(True)
+    with pytest.warns(RuntimeWarning, match="sm_120; using the sm86 tiles"):
+        loss = rg.geometry_loss(h, basis, anchors, weight, drift_coef=1.3, gram_coef=0.7, backend=BACKEND)
+    (loss * 2.5).backward()
+    assert chosen == [triton_penalty.BWD_WIDE_CONFIG_SM86]
+    check_close(loss, ref_loss, LOSS_TOL[torch.bfloat16], None, "loss", inputs.seed)
+    check_close(h.grad, ref_grad, GRAD_TOL[torch.bfloat16], ELEM_GRAD_TOL[torch.bfloat16], "grad", inputs.seed)
+
+    monkeypatch.setattr(triton_penalty, "shared_memory_per_block", lambda device: 64 * 1024)  # T4-like
+    with pytest.raises(RuntimeError, match=r"need at least \d+ KB of shared memory per block.*allows 64 KB.*torch"):
+        rg.geometry_loss(hidden, basis, anchors, weight, gram_coef=0.7, backend=BACKEND)

@@ -52,7 +52,7 @@ examples:
 
 Multi-GPU: torchrun --nproc_per_node 8 -m refusalguard_kernels train ... (or accelerate launch).
 
-Coefficients: with a basis from `refusalguard extract` (0.3+), --drift-coef and --gram-coef are in the
+Coefficients: with a basis from `refusalguard extract` (0.2+), --drift-coef and --gram-coef are in the
 basis' units: the drift term is the mean squared movement of the guarded tokens' refusal coordinates in
 pooled standard deviations of the extraction prompts' coordinates, averaged over the guarded layers, so
 --drift-coef 1 means the same on any model (docs/guard_scale.md has the measured effect of 0.1-100 on
@@ -223,8 +223,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         choices=("auto", "spread", "raw"),
         default="auto",
         help="spread: coefficients per squared pooled standard deviation of the basis' coordinates, layers "
-        "averaged (model-independent); raw: on raw coordinates, layers summed (0.2's meaning); auto: spread when "
-        "the basis records its spread (bases from 0.3's extract)",
+        "averaged (model-independent); raw: on raw coordinates, layers summed (0.1's meaning); auto: spread when "
+        "the basis records its spread (bases from 0.2's extract)",
     )
     guard.add_argument(
         "--drift-coef",

@@ -94,7 +94,7 @@ class RefusalBasis:
         metadata: ``model_name``, ``hidden_size``, ``method``, ``positions``, ``k``,
             ``layers``, ``n_harmful``, ``n_harmless``, and per layer (dicts keyed by layer
             index) ``explained_share``, ``separation`` and ``coord_spread`` (bases saved before
-            0.3 have no ``coord_spread``); free-form keys are kept.
+            0.2 have no ``coord_spread``); free-form keys are kept.
 
     Construction checks the bases (same d x k everywhere, finite, orthonormal within
     ``ORTHONORMAL_ATOL``) and converts them to float32.  ``save``/``load`` use one
@@ -162,7 +162,7 @@ class RefusalBasis:
 
     def coord_spread(self, layer: int) -> float | None:
         """The pooled within-set standard deviation of the extraction prompts' cone coordinates at
-        ``layer`` (see the module docstring), or None for a basis made without it (before 0.3, or
+        ``layer`` (see the module docstring), or None for a basis made without it (by 0.1, or
         built by hand)."""
         spread = self.metadata.get("coord_spread")
         value = spread.get(layer) if isinstance(spread, dict) else None

@@ -33,7 +33,7 @@ How it behaves:
   averaged (``layer_reduction="mean"``): ``drift_coef=1`` means a penalty of 1 for guarded
   tokens that moved one standard deviation on average, whatever the model's activation
   scale or depth.  ``coef_units="raw"`` (and bases without a spread: hand-built, or saved by
-  0.2, with a warning) keeps 0.2's meaning: raw coordinates, summed over layers.
+  0.1, with a warning) keeps 0.1's meaning: raw coordinates, summed over layers.
 * Layers: with ``layer_reduction="sum"`` the effective coefficient grows with the number of
   guarded layers (a basis on 8 layers pulls 8x as hard as one on 1); ``"mean"`` divides by
   the number of layers, making ``drift_coef``/``gram_coef`` independent of it.
@@ -96,7 +96,7 @@ RESPONSE_MASK_KEYS = ("completion_mask", "assistant_masks")
 IGNORE_INDEX = -100
 LAYER_REDUCTIONS = ("sum", "mean")
 #: how drift_coef / gram_coef are read: "spread" (per layer, in the basis' coord_spread units,
-#: layers averaged), "raw" (0.2: raw coordinates, layers summed), "auto" (spread when the basis has it).
+#: layers averaged), "raw" (0.1: raw coordinates, layers summed), "auto" (spread when the basis has it).
 COEF_UNITS = ("auto", "spread", "raw")
 #: the first arm() warns when a guarded token's frozen coordinates exceed this multiple of the median.
 OUTLIER_RATIO = 25.0
@@ -148,21 +148,21 @@ def _coef_scales(basis: RefusalBasis, coef_units: str) -> tuple[str, dict[int, t
     if coef_units not in COEF_UNITS:
         raise ValueError(
             f"unknown coef_units {coef_units!r}; choose 'auto', 'spread' (coefficients per squared pooled standard "
-            "deviation of the cone coordinates) or 'raw' (raw coordinates, 0.2's meaning)"
+            "deviation of the cone coordinates) or 'raw' (raw coordinates, 0.1's meaning)"
         )
     spreads = {layer: basis.coord_spread(layer) for layer in basis.layers}
     missing = [layer for layer, spread in spreads.items() if spread is None]
     if coef_units == "spread" and missing:
         raise ValueError(
-            f"coef_units='spread' but the basis records no coord_spread for layers {missing} (saved before 0.3 or "
+            f"coef_units='spread' but the basis records no coord_spread for layers {missing} (saved by 0.1 or "
             "built by hand): re-extract it (extract_refusal_basis / `refusalguard extract`), or pass coef_units='raw' "
             "to use the coefficients on raw coordinates (their effect then depends on the model's activation scale)"
         )
     if coef_units == "auto":
         if missing:
             warnings.warn(
-                f"this refusal basis records no coord_spread for layers {missing} (saved before 0.3 or built by hand), "
-                "so drift_coef/gram_coef act on raw coordinates, summed over layers (0.2's meaning, whose scale "
+                f"this refusal basis records no coord_spread for layers {missing} (saved by 0.1 or built by hand), "
+                "so drift_coef/gram_coef act on raw coordinates, summed over layers (0.1's meaning, whose scale "
                 "depends on the model); re-extract the basis for model-independent coefficients, or pass "
                 "coef_units='raw' to silence this",
                 UserWarning,
@@ -226,10 +226,10 @@ class RefusalGuard:
             "spread": layer i's kernel coefficients are ``drift_coef / spread_i**2`` and
             ``gram_coef / spread_i**4``, so the drift term is the mean squared movement in the
             extraction prompts' pooled standard deviations.  "raw": the coefficients as given
-            (0.2's meaning; the scale then depends on the model's activations).
+            (0.1's meaning; the scale then depends on the model's activations).
         layer_reduction: how ``penalty()`` combines the hooked layers: "sum" (the effective
             coefficient grows with the number of layers) or "mean" (sum / n_layers); default
-            "mean" in spread units, "sum" in raw units (0.2's behaviour).
+            "mean" in spread units, "sum" in raw units (0.1's behaviour).
         exclude_first: the first N non-padding tokens of each row are never guarded under the
             named positions (attention sinks; see the module docstring); default 1, 0 guards
             them.  A weight-tensor ``positions`` is used as given.

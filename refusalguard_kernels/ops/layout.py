@@ -80,6 +80,18 @@ def device_capability(device: torch.device) -> int:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())
 
 
+@cache
+def _shared_memory_optin(device_index: int) -> int:
+    return int(torch.cuda.get_device_properties(device_index).shared_memory_per_block_optin)
+
+
+def shared_memory_per_block(device: torch.device) -> int | None:
+    """The most shared memory one block may use on a CUDA device (bytes, opt-in limit); None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return _shared_memory_optin(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def persistent_programs(row_blocks: int, device: torch.device, per_sm: int = 2) -> int:
     """Programs for a grid-stride launch: enough to fill the chip, no more.
 

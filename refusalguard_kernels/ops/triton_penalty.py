@@ -51,6 +51,8 @@ split over GPUs is not necessarily the one holding the hooked layer.
 from __future__ import annotations
 
 import contextlib
+import functools
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -58,7 +60,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .layout import device_capability, interpreting, new_output, padded_k, persistent_programs, row_layout
+from .layout import (
+    device_capability,
+    interpreting,
+    new_output,
+    padded_k,
+    persistent_programs,
+    row_layout,
+    shared_memory_per_block,
+)
 
 
 class TileConfig(NamedTuple):
@@ -76,14 +86,20 @@ class TileConfig(NamedTuple):
 
 # Tile configs.  FWD_CONFIG and BWD_CONFIG were chosen by benchmarks/tune_triton.py on an H100 (bf16,
 # N=16384, d=4096, k=8; benchmarks/NOTES.md).  The others keep every launch free of register spills where
-# the tuned ones spill, measured statically (scripts/kernel_resources.py: sm_90 and sm_80, every dtype,
-# k in 1/8/16/64, the benchmark grid's shapes and a ragged one), not yet timed on a GPU:
+# the tuned ones spill, and within each architecture's shared memory, measured statically
+# (scripts/kernel_resources.py: sm_90, sm_80, sm_86 and sm_89, every dtype, k in 1/8/16/64, the benchmark
+# grid's shapes and a ragged one), not yet timed on a GPU:
 # * padded k >= WIDE_K, forward: 8 warps (two warpgroups) so the two 128 x k fp32 accumulators fit, half
 #   as many columns per tile, and the Gram partial in 2 chunks of 64 rows (4 or 8 chunks spill on sm_90:
 #   the batched dot's k x k outputs grow with the chunk count; on sm_80 it is the other way round);
 # * below sm_90 (no wgmma): 32 fp32 columns per forward tile -- with 64, ptxas keeps the fp32 dot in 32
 #   registers and spills ~5 KB per thread;
-# * padded k >= 64, backward: 32 fp32 columns per tile (with 128 the fp32 backward spilled on ragged shapes).
+# * padded k >= 64, backward: 32 fp32 columns per tile (with 128 the fp32 backward spilled on ragged shapes);
+# * sm_86 / sm_89 (A10G, A6000, RTX 30xx; L4, L40S, RTX 40xx): 99 KB of shared memory per block, not
+#   sm_80's 163.  On the sm_80 tiles the wide (padded k = 64) half-precision backward took 96 KB, 112 KB
+#   with the Gram term (B^T tiles of 64 x 128 fp32 in 3 stages, plus G - G_A): it could not launch.  With
+#   64 half columns it takes 44-68 KB; and the wide Gram forward spilled ~300 B there with 4 chunks, none
+#   with 2.  The most any sm_86/89 launch takes is the bf16/fp16 forward's 80 KB (one block per SM).
 # project() and the loss forward share fwd_config(k, ...), which is what makes their Z bitwise equal.
 FWD_CONFIG = TileConfig(block_n=128, block_d_half=128, block_d_fp32=64, num_warps=4, num_stages=3, programs_per_sm=1)
 FWD_WIDE_CONFIG = FWD_CONFIG._replace(block_d_half=64, block_d_fp32=32, num_warps=8, gram_chunks=2)
@@ -93,6 +109,81 @@ WIDE_K = 32
 BWD_CONFIG = TileConfig(block_n=32, block_d_half=128, block_d_fp32=128, num_warps=8, num_stages=3, programs_per_sm=4)
 BWD_WIDE_CONFIG = BWD_CONFIG._replace(block_d_fp32=32)
 BWD_WIDE_K = 64
+# sm_86 / sm_89: the sm_80 tiles where they fit in 99 KB and do not spill there, smaller ones where not.
+FWD_CONFIG_SM86 = FWD_CONFIG_SM80
+FWD_WIDE_CONFIG_SM86 = FWD_WIDE_CONFIG_SM80._replace(gram_chunks=2)
+BWD_CONFIG_SM86 = BWD_CONFIG
+BWD_WIDE_CONFIG_SM86 = BWD_WIDE_CONFIG._replace(block_d_half=64)
+
+
+class TileFamily(NamedTuple):
+    """The four tile configs one architecture uses, and the most shared memory any launch of them takes
+    there (bytes per block, static + dynamic; from the committed kernel-resource baseline, checked by
+    tests/test_kernel_resources.py): what a GPU must allow per block to run them."""
+
+    fwd: TileConfig
+    fwd_wide: TileConfig
+    bwd: TileConfig
+    bwd_wide: TileConfig
+    shared_bytes: int
+
+
+def _families() -> dict[str, TileFamily]:
+    # Built at call time from the module's names, so benchmarks/tune_triton.py can swap FWD_CONFIG/BWD_CONFIG.
+    return {
+        "sm90": TileFamily(FWD_CONFIG, FWD_WIDE_CONFIG, BWD_CONFIG, BWD_WIDE_CONFIG, 121 * 1024),
+        "sm80": TileFamily(FWD_CONFIG_SM80, FWD_WIDE_CONFIG_SM80, BWD_CONFIG, BWD_WIDE_CONFIG, 112 * 1024),
+        "sm86": TileFamily(FWD_CONFIG_SM86, FWD_WIDE_CONFIG_SM86, BWD_CONFIG_SM86, BWD_WIDE_CONFIG_SM86, 80 * 1024),
+    }
+
+
+# The compute capabilities (10 major + minor) whose tiles scripts/kernel_resources.py compiles and checks.
+ARCH_FAMILY = {90: "sm90", 80: "sm80", 86: "sm86", 89: "sm86"}
+
+
+def tile_family(capability: int, shared_memory_per_block: int | None = None) -> str:
+    """The tile family for a GPU of compute capability ``capability``: its own where the static check
+    covers it (ARCH_FAMILY); otherwise the first family, in order of preference, whose shared memory
+    fits the device's opt-in limit per block (``torch.cuda.get_device_properties(i).
+    shared_memory_per_block_optin``), with a one-time warning; a ``RuntimeError`` when none fits."""
+    family = ARCH_FAMILY.get(capability)
+    if family is not None:
+        return family
+    return _unknown_arch_family(capability, shared_memory_per_block)
+
+
+@functools.cache  # one warning per (capability, limit); an error is raised again on every call
+def _unknown_arch_family(capability: int, shared_memory_per_block: int | None) -> str:
+    families = _families()
+    arch = f"sm_{capability}"
+    if shared_memory_per_block is None:  # no device to ask: the smallest footprint
+        name = min(families, key=lambda n: families[n].shared_bytes)
+        warnings.warn(
+            f"refusalguard_kernels: no tile configs checked for {arch} and no shared-memory limit given; "
+            f"using the {name} tiles ({families[name].shared_bytes // 1024} KB per block, the smallest)",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return name
+    order = ("sm90", "sm80", "sm86") if capability >= 90 else ("sm80", "sm86")
+    for name in order:
+        if families[name].shared_bytes <= shared_memory_per_block:
+            warnings.warn(
+                f"refusalguard_kernels: no tile configs checked for {arch}; using the {name} tiles, which need "
+                f"{families[name].shared_bytes // 1024} KB of shared memory per block (this GPU allows "
+                f"{shared_memory_per_block // 1024} KB). Check them with scripts/kernel_resources.py.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return name
+    smallest = min(families[name].shared_bytes for name in order)
+    raise RuntimeError(
+        f"refusalguard_kernels: the Triton kernels need at least {smallest // 1024} KB of shared memory per "
+        f"block, and this GPU ({arch}) allows {shared_memory_per_block // 1024} KB; "
+        'use backend="torch" (or "cuda") on it'
+    )
+
+
 FINALIZE_TILE = 16384  # elements of the partials the finalize program loads at once
 FINALIZE_WARPS = 8
 
@@ -348,16 +439,18 @@ def _penalty_bwd_kernel(
 # basis fp32 contiguous (d, k); anchors fp32 contiguous (N, k); weight fp32 contiguous (N,) or None.
 
 
-def fwd_config(k: int, capability: int) -> TileConfig:
-    """The forward's tiles for basis width k on a GPU of compute capability ``capability`` (10 major + minor)."""
-    wide = padded_k(k) >= WIDE_K
-    if capability < 90:
-        return FWD_WIDE_CONFIG_SM80 if wide else FWD_CONFIG_SM80
-    return FWD_WIDE_CONFIG if wide else FWD_CONFIG
+def fwd_config(k: int, capability: int, shared_memory_per_block: int | None = None) -> TileConfig:
+    """The forward's tiles for basis width k on a GPU of compute capability ``capability`` (10 major +
+    minor; ``shared_memory_per_block``: the device's opt-in limit, consulted only for an architecture
+    without checked configs, see ``tile_family``)."""
+    family = _families()[tile_family(capability, shared_memory_per_block)]
+    return family.fwd_wide if padded_k(k) >= WIDE_K else family.fwd
 
 
-def bwd_config(k: int) -> TileConfig:
-    return BWD_WIDE_CONFIG if padded_k(k) >= BWD_WIDE_K else BWD_CONFIG
+def bwd_config(k: int, capability: int, shared_memory_per_block: int | None = None) -> TileConfig:
+    """The backward's tiles, as ``fwd_config``."""
+    family = _families()[tile_family(capability, shared_memory_per_block)]
+    return family.bwd_wide if padded_k(k) >= BWD_WIDE_K else family.bwd
 
 
 def _tile_meta(cfg: TileConfig, N: int, d: int, k: int, block_d: int) -> dict:
@@ -397,7 +490,7 @@ def _forward(hidden: Tensor, basis: Tensor, anchors, weight, drift_coef: float, 
     lay = row_layout(hidden)
     N, d, k = lay.rows, hidden.shape[-1], basis.shape[1]
     device = hidden.device
-    cfg = fwd_config(k, device_capability(device))
+    cfg = fwd_config(k, device_capability(device), shared_memory_per_block(device))
     block_d = cfg.block_d(hidden.dtype)
     row_blocks = triton.cdiv(N, cfg.block_n)
     programs = persistent_programs(row_blocks, device, cfg.programs_per_sm)
@@ -476,7 +569,7 @@ def _backward(
         gin, n1, s0, s1, sd = lay.tensor, lay.n1, lay.stride0, lay.stride1, lay.stride_col
     else:
         gin, n1, s0, s1, sd = kernel_out, 1, 0, 0, 0
-    cfg = bwd_config(k)
+    cfg = bwd_config(k, device_capability(device), shared_memory_per_block(device))
     block_d = cfg.block_d(hidden_dtype)
     row_blocks = triton.cdiv(N, cfg.block_n)
     programs = persistent_programs(row_blocks, device, cfg.programs_per_sm)
