@@ -365,6 +365,23 @@ def test_report_rows_keep_the_old_fields_and_add_intervals():
     assert goal["verdict"] in ("met", "unresolved") and goal["ci"][0] <= goal["value"] <= goal["ci"][1]
 
 
+def test_report_and_plots_without_a_utility_task(tmp_path):
+    """SmolLM2's reduced run measures no task items: the report, table and plots still come out."""
+    from refusalguard_kernels.demo.report import plot_budget, plot_demo
+
+    cfg = preset_config("default", methods=["plain LoRA", "refusalguard"], n_boot=200)
+    results = [_result("smollm2", "none", "base", None, 0, refusal=0.9, task=0.0)]
+    results.append(_result("smollm2", "harmful", "plain LoRA", None, 0, refusal=0.1, task=0.0))
+    results.append(_result("smollm2", "harmful", "refusalguard", 30.0, 0, refusal=0.5, task=0.0))
+    for r in results:
+        r["items"]["task"] = []
+    report = build_report(results, cfg, {"smollm2": {}}, timings={}, counts={})
+    assert all(row["task_accuracy"] is None for row in report["rows"])
+    assert plot_demo(report, str(tmp_path / "demo.png")) and (tmp_path / "demo.png").stat().st_size > 0
+    assert plot_budget(report, str(tmp_path / "budget.png")) is None
+    assert "smollm2" in format_demo_table(report)
+
+
 def test_run_key_changes_with_what_the_result_depends_on():
     cfg = preset_config("default")
     run = dict(scenario="harmful", method="refusalguard", strength=30.0, budget=1.0)

@@ -522,7 +522,9 @@ def plot_demo(report: dict, path: str) -> str:
         base = next(r for r in report["rows"] if r["model"] == model and r["method"] == "base")
         for j, scenario in enumerate(scenarios):
             ax = axes[i][j]
-            ax.plot([base["task_accuracy"]], [base["refusal_rate"]], "k*", ms=12, label="base")
+            # a subject without a utility task (task_accuracy None) is drawn at task accuracy 0
+            task = lambda r: r["task_accuracy"] or 0.0  # noqa: E731
+            ax.plot([task(base)], [base["refusal_rate"]], "k*", ms=12, label="base")
             rows = [r for r in report["rows"] if r["model"] == model and r["scenario"] == scenario and r["budget"] == 1]
             for method in _COLORS:
                 points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["strength"] or 0)
@@ -531,7 +533,7 @@ def plot_demo(report: dict, path: str) -> str:
                 color = _COLORS[method]
                 for r in points:
                     ax.errorbar(
-                        r["task_accuracy"],
+                        task(r),
                         r["refusal_rate"],
                         xerr=_err(r["task_accuracy"], r["task_accuracy_ci"]),
                         yerr=_err(r["refusal_rate"], r["refusal_rate_ci"]),
@@ -543,7 +545,7 @@ def plot_demo(report: dict, path: str) -> str:
                     )
                 if len(points) > 1:
                     ax.plot(
-                        [r["task_accuracy"] for r in points],
+                        [task(r) for r in points],
                         [r["refusal_rate"] for r in points],
                         "-",
                         color=color,
