@@ -238,9 +238,11 @@ def cpu_training_args(
     warmup_steps: int = 0,
     weight_decay: float = 0.0,
     logging_steps: int = 1,
+    bf16: bool = False,
 ):
     """``TrainingArguments`` for the organism's seeded CPU runs: no checkpoints, no trackers, no
-    workers (so the data order depends on the seed alone), progress shown by :class:`TqdmCallback`."""
+    workers (so the data order depends on the seed alone), progress shown by :class:`TqdmCallback`.
+    ``bf16``: bfloat16 mixed precision (CPU autocast; ~2x faster than float32 for SmolLM2 here)."""
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -261,6 +263,7 @@ def cpu_training_args(
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        bf16=bf16,
     )
 
 
