@@ -29,6 +29,7 @@ __all__ = [
     "add_threads_option",
     "apply_threads",
     "quiet_transformers",
+    "load_adapter",
     "merge_adapter",
     "cpu_has_native_bf16",
 ]
@@ -226,6 +227,12 @@ def quiet_transformers(quiet: bool) -> None:
 def merge_adapter(model, adapter: str):
     """``model`` with the PEFT adapter ``adapter`` merged into its weights (a plain transformers model again):
     the model an align-then-attack run starts from."""
+    return load_adapter(model, adapter).merge_and_unload()
+
+
+def load_adapter(model, adapter: str):
+    """``model`` wrapped with the PEFT adapter folder ``adapter`` (a ``PeftModel`` in eval mode); a CLIError
+    naming the folder when it is not one or cannot be loaded."""
     import warnings
 
     from peft import PeftModel
@@ -236,7 +243,7 @@ def merge_adapter(model, adapter: str):
         with warnings.catch_warnings():
             # peft 0.21 reads a transformers attribute deprecated in 5.x; nothing a user can act on.
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+            return PeftModel.from_pretrained(model, adapter).eval()
     except (OSError, ValueError) as exc:
         raise CLIError(f"cannot load the adapter {adapter!r}: {exc}") from exc
 

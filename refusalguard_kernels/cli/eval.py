@@ -187,20 +187,10 @@ def load_eval_model(name: str, adapter: str | None, *, dtype, device: str, trust
 
 
 def wrap_adapter(model, adapter: str):
-    import os
-    import warnings
+    """``model`` with the PEFT adapter folder ``adapter`` on top (not merged), in eval mode."""
+    from .common import load_adapter
 
-    from peft import PeftModel
-
-    if os.path.isdir(adapter) and not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        raise CLIError(f"--adapter {adapter!r} has no adapter_config.json: it is not a PEFT adapter folder")
-    try:
-        with warnings.catch_warnings():
-            # peft 0.21 reads a transformers attribute deprecated in 5.x; nothing a user can act on.
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-            return PeftModel.from_pretrained(model, adapter).eval()
-    except (OSError, ValueError) as exc:
-        raise CLIError(f"cannot load the adapter {adapter!r}: {exc}") from exc
+    return load_adapter(model, adapter)
 
 
 def _check(args) -> None:

@@ -513,27 +513,14 @@ class RefusalGuard:
         """
         if not self._handles:
             raise RuntimeError("this RefusalGuard was removed; create a new one")
-        inputs = self.model_inputs(batch)
-        inputs.pop("labels", None)
-        target = self._frozen_target(model)
-        self._add_forward_options(target, inputs)
-        if id(target) not in self._sharded_cache:
-            self._sharded_cache[id(target)] = _sharded(target)
-        modes = {module: module.training for module in target.modules()}
         previous = self._mode
         self._mode, self._captured = "capture", {}
-        self._stop_early = not self._sharded_cache[id(target)]
         try:
-            with torch.no_grad(), self._adapters_disabled(target):
-                target.eval()
-                try:
+            with self._partial_eval_forward(batch, model) as (target, inputs):
+                with torch.no_grad(), self._adapters_disabled(target):
                     target(**inputs)
-                except _StopForward:
-                    pass
         finally:
-            self._mode, self._stop_early = previous, False
-            for module, training in modes.items():
-                module.training = training
+            self._mode = previous
         captured, self._captured = self._captured, {}
         missing = [layer for layer in self.layers if layer not in captured]
         if missing:
@@ -702,6 +689,15 @@ class RefusalGuard:
         """
         if self._mode != "armed":
             raise RuntimeError("penalty_forward needs an armed guard: call guard.arm(anchors, weight) first")
+        with self._partial_eval_forward(batch, model) as (target, inputs):
+            target(**inputs)
+        return self.penalty()
+
+    @contextlib.contextmanager
+    def _partial_eval_forward(self, batch: dict, model: nn.Module | None):
+        """(target, inputs) for one eval-mode forward of ``model`` (default: the guarded one) that stops after
+        the last guarded layer (runs to the end when sharded: FSDP / ZeRO-3): labels dropped, cache and logits
+        trimmed, each module's mode restored afterwards.  The anchor pass and ``penalty_forward`` share it."""
         inputs = self.model_inputs(batch)
         inputs.pop("labels", None)
         target = self._frozen_target(model)
@@ -712,15 +708,13 @@ class RefusalGuard:
         self._stop_early = not self._sharded_cache[id(target)]
         try:
             target.eval()
-            try:
-                target(**inputs)
-            except _StopForward:
-                pass
+            yield target, inputs
+        except _StopForward:
+            pass
         finally:
             self._stop_early = False
             for module, training in modes.items():
                 module.training = training
-        return self.penalty()
 
     @staticmethod
     def _add_forward_options(target: nn.Module, inputs: dict) -> None:
