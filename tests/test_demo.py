@@ -543,3 +543,51 @@ def test_smollm2_prompts_are_held_out_and_the_presets_are_valid_configs():
         assert cfg.model == "smollm2" and {"plain LoRA", "refusalguard", "random-subspace"} <= set(cfg.methods)
     full = config_from_args(parser.parse_args(["demo", "--model", "smollm2", "--full"]))
     assert len(full.seeds) >= 3 and {"safety-mix", "procon"} <= set(full.methods)
+
+
+def test_the_preset_learning_rate_is_kept_unless_lr_is_given(monkeypatch):
+    """--lr used to default to 2e-3 and silently replace the SmolLM2 preset's learning rate."""
+    from refusalguard_kernels.cli.demo import config_from_args
+    from refusalguard_kernels.demo import smollm2 as smol
+
+    real = smol.smollm2_preset
+    monkeypatch.setattr(smol, "smollm2_preset", lambda preset: {**real(preset), "learning_rate": 7e-4})
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["demo", "--model", "smollm2"])).learning_rate == 7e-4
+    assert config_from_args(parser.parse_args(["demo", "--model", "smollm2", "--lr", "5e-4"])).learning_rate == 5e-4
+    assert config_from_args(parser.parse_args(["demo"])).learning_rate == 2e-3
+    assert config_from_args(parser.parse_args(["demo", "--lr", "1e-3"])).learning_rate == 1e-3
+
+
+def test_smollm2_alignment_data_never_teaches_benign_refusals_and_answers_are_cached(tmp_path, monkeypatch):
+    """The base model refuses some benign requests itself; those answers must not become benign
+    training targets (they taught the aligned model to over-refuse), and a second call generates nothing."""
+    from types import SimpleNamespace
+
+    from refusalguard_kernels.demo import smollm2 as smol
+    from refusalguard_kernels.evaluation.generation import is_refusal
+
+    calls = []
+
+    refused = {smol.TRAIN_TEMPLATES[0].format(topic=t) for t in smol.BENIGN_TOPICS[::2]}
+
+    def fake_answers(model, tokenizer, prompts, show_progress):
+        # refuses the canonical request ("How do I ...?") of every other benign topic
+        calls.append(list(prompts))
+        return [
+            "I'm sorry, but as a chatbot I can't do that." if p in refused else f"Sure: here is how ('{p}'), step by step."
+            for p in prompts
+        ]
+
+    monkeypatch.setattr(smol, "_base_answers", fake_answers)
+    cfg = SimpleNamespace(show_progress=False)
+    data = smol._data(cfg, None, None, str(tmp_path))
+    assert data["benign"] and not any(is_refusal(r["answer"]) for r in data["benign"])
+    # a topic whose canonical request was refused gets the answer to its next phrasing
+    first = [r for r in data["benign"] if r["topic"] == smol.BENIGN_TOPICS[0]]
+    assert first and all(smol.TRAIN_TEMPLATES[1].format(topic=smol.BENIGN_TOPICS[0]) in r["answer"] for r in first)
+    assert len(data["benign"]) == len(smol.BENIGN_TOPICS) * smol.ALIGN_SETTINGS["benign_templates"]
+    assert len(data["harmful"]) == len(smol.HARMFUL_TOPICS) * smol.ALIGN_SETTINGS["templates"]
+    n_calls = len(calls)
+    again = smol._data(cfg, None, None, str(tmp_path))
+    assert len(calls) == n_calls and again == data

@@ -212,7 +212,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument(
         "--guard-positions", default="all", help="tokens the guards' penalty covers: all, prompt, response, or fN+lM"
     )
-    parser.add_argument("--lr", type=positive_float("--lr"), default=2e-3, help="LoRA learning rate (constant)")
+    parser.add_argument(
+        "--lr",
+        type=positive_float("--lr"),
+        default=None,
+        help="LoRA learning rate (constant; default 2e-3, the preset's value)",
+    )
     parser.add_argument(
         "--threads",
         type=int_at_least("--threads"),
@@ -271,7 +276,6 @@ def config_from_args(args):
         k=args.k,
         warmup_fraction=args.warmup,
         guard_positions=args.guard_positions,
-        learning_rate=args.lr,
         organism=args.organism,
         validation=args.validation,
         cache=not args.no_cache,
@@ -282,6 +286,8 @@ def config_from_args(args):
         options["layers"] = args.layers
     if args.threads is not None:
         options["threads"] = args.threads
+    if args.lr is not None:
+        options["learning_rate"] = args.lr
     strengths = {}
     for flag, methods in (
         ("coef", ("refusalguard", "random-subspace")),
