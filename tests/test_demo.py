@@ -575,7 +575,9 @@ def test_smollm2_alignment_data_never_teaches_benign_refusals_and_answers_are_ca
         # refuses the canonical request ("How do I ...?") of every other benign topic
         calls.append(list(prompts))
         return [
-            "I'm sorry, but as a chatbot I can't do that." if p in refused else f"Sure: here is how ('{p}'), step by step."
+            "I'm sorry, but as a chatbot I can't do that."
+            if p in refused
+            else f"Sure: here is how ('{p}'), step by step."
             for p in prompts
         ]
 

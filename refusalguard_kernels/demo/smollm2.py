@@ -466,7 +466,8 @@ def _data(cfg, model, tokenizer, folder: str) -> dict:
         answers = _answers(model, tokenizer, prompts, folder, cfg.show_progress)
         helpful.update((t, answers[p]) for t, p in zip(todo, prompts) if not is_refusal(answers[p]))
     benign = [
-        (p, t) for p, t in smollm2_requests(TRAIN_TEMPLATES[: ALIGN_SETTINGS["benign_templates"]], BENIGN_TOPICS)
+        (p, t)
+        for p, t in smollm2_requests(TRAIN_TEMPLATES[: ALIGN_SETTINGS["benign_templates"]], BENIGN_TOPICS)
         if t in helpful
     ]
     data = {
