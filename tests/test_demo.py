@@ -365,19 +365,30 @@ def test_report_rows_keep_the_old_fields_and_add_intervals():
     assert goal["verdict"] in ("met", "unresolved") and goal["ci"][0] <= goal["value"] <= goal["ci"][1]
 
 
-def test_report_and_plots_without_a_utility_task(tmp_path):
-    """SmolLM2's reduced run measures no task items: the report, table and plots still come out."""
+def test_report_and_plots_without_a_utility_task(tmp_path, monkeypatch):
+    """SmolLM2's reduced run measures no task items: the report, table and plots still come out,
+    and the plot's x axis is the fine-tuning loss (every task accuracy would be 0)."""
+    from refusalguard_kernels.demo import report as report_module
     from refusalguard_kernels.demo.report import plot_budget, plot_demo
+
+    figures = []
+    save = report_module._save
+    monkeypatch.setattr(report_module, "_save", lambda fig, path: figures.append(fig) or save(fig, path))
 
     cfg = preset_config("default", methods=["plain LoRA", "refusalguard"], n_boot=200)
     results = [_result("smollm2", "none", "base", None, 0, refusal=0.9, task=0.0)]
     results.append(_result("smollm2", "harmful", "plain LoRA", None, 0, refusal=0.1, task=0.0))
     results.append(_result("smollm2", "harmful", "refusalguard", 30.0, 0, refusal=0.5, task=0.0))
-    for r in results:
+    for r, loss in zip(results, [None, 0.4, 0.7]):
         r["items"]["task"] = []
+        r["final_loss"] = loss
     report = build_report(results, cfg, {"smollm2": {}}, timings={}, counts={})
     assert all(row["task_accuracy"] is None for row in report["rows"])
     assert plot_demo(report, str(tmp_path / "demo.png")) and (tmp_path / "demo.png").stat().st_size > 0
+    (ax,) = figures[-1].axes
+    assert "loss" in ax.get_xlabel()
+    xs = sorted({round(float(x), 6) for line in ax.lines for x in line.get_xdata() if len(line.get_xdata()) == 1})
+    assert xs == [0.4, 0.7]  # plain LoRA and the guard at their losses, not both at task accuracy 0
     assert plot_budget(report, str(tmp_path / "budget.png")) is None
     assert "smollm2" in format_demo_table(report)
 

@@ -207,7 +207,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         default=None,
         metavar="LIST",
         help="decoder layers the bases are extracted at and the guards hook, e.g. '0-3'; default: every layer "
-        "(organism), the validated middle band (smollm2)",
+        "(organism), the library's default middle band (smollm2; it did not protect there, docs/demo.md)",
     )
     parser.add_argument(
         "--guard-positions", default="all", help="tokens the guards' penalty covers: all, prompt, response, or fN+lM"

@@ -511,7 +511,9 @@ def _err(value, ci):
 def plot_demo(report: dict, path: str) -> str:
     """PNG: per model (rows) and scenario (columns), refusal rate against task accuracy, one
     marker per (method, strength) with 95% intervals, each method's strengths joined by a line
-    (its frontier), the base model as a star."""
+    (its frontier), the base model as a star. A panel with no utility task (the real-model
+    benchmark) plots refusal against the fine-tune's final loss on the attack data instead, the
+    base model as a dashed line: every point would otherwise sit at task accuracy 0."""
     from matplotlib.figure import Figure
 
     models = sorted({r["model"] for r in report["rows"]})
@@ -522,10 +524,17 @@ def plot_demo(report: dict, path: str) -> str:
         base = next(r for r in report["rows"] if r["model"] == model and r["method"] == "base")
         for j, scenario in enumerate(scenarios):
             ax = axes[i][j]
-            # a subject without a utility task (task_accuracy None) is drawn at task accuracy 0
-            task = lambda r: r["task_accuracy"] or 0.0  # noqa: E731
-            ax.plot([task(base)], [base["refusal_rate"]], "k*", ms=12, label="base")
             rows = [r for r in report["rows"] if r["model"] == model and r["scenario"] == scenario and r["budget"] == 1]
+            # without a utility task, how much of the attack data was learned (lower loss) is the x axis
+            by_loss = all(r["task_accuracy"] is None for r in rows)
+            if i == j == 0:
+                legend_loc = "center" if by_loss else "lower left"
+            x_key = "final_loss" if by_loss else "task_accuracy"
+            task = lambda r, key=x_key: r[key] or 0.0  # noqa: E731
+            if by_loss:
+                ax.axhline(base["refusal_rate"], color="k", ls="--", lw=1, label="base")
+            else:
+                ax.plot([task(base)], [base["refusal_rate"]], "k*", ms=12, label="base")
             for method in _COLORS:
                 points = sorted((r for r in rows if r["method"] == method), key=lambda r: r["strength"] or 0)
                 if not points:
@@ -535,7 +544,7 @@ def plot_demo(report: dict, path: str) -> str:
                     ax.errorbar(
                         task(r),
                         r["refusal_rate"],
-                        xerr=_err(r["task_accuracy"], r["task_accuracy_ci"]),
+                        xerr=_err(r[x_key], r[f"{x_key}_ci"]),
                         yerr=_err(r["refusal_rate"], r["refusal_rate_ci"]),
                         fmt="o" if not r["sweep"] else "s",
                         color=color,
@@ -552,13 +561,14 @@ def plot_demo(report: dict, path: str) -> str:
                         alpha=0.5,
                     )
             ax.set_ylim(-0.05, 1.05)
-            ax.set_xlim(-0.05, 1.05)
+            if not by_loss:
+                ax.set_xlim(-0.05, 1.05)
             ax.grid(alpha=0.3)
-            ax.set_xlabel("task accuracy")
+            ax.set_xlabel("fine-tuning loss (attack data)" if by_loss else "task accuracy")
             if j == 0:
                 ax.set_ylabel(f"{model}\nrefusal rate (harmful prompts)")
             ax.set_title(f"{model}: {scenario}", fontsize=10)
-    axes[0][0].legend(fontsize=7, loc="lower left")
+    axes[0][0].legend(fontsize=7, loc=legend_loc)
     fig.tight_layout()
     return _save(fig, path)
 
